@@ -1,0 +1,235 @@
+"""Decoding: file bytes → a grey float32 picture, plus what a DICOM says about the patient.
+
+Contract: :func:`decode` takes the raw bytes of a PNG, JPEG or DICOM file and returns a
+:class:`DecodedImage` whose ``pixels`` are ``(H, W) float32`` with "brighter = denser"
+(MONOCHROME1 is inverted). The absolute range depends on the source (8-bit, 16-bit,
+windowed DICOM); preprocessing normalises it robustly, so decoding keeps full precision.
+
+Failures raise the typed errors of :mod:`radiograph.errors`, never a bare exception,
+so callers can answer a user with a plain message.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from radiograph.errors import (
+    EmptyImage,
+    ImageTooLarge,
+    NotAnImage,
+    TruncatedImage,
+    UnsupportedFormat,
+    UnsupportedTransferSyntax,
+)
+
+Sex = Literal["male", "female"]
+
+#: Default pixel limit: a full-size RSNA radiograph is ~5 Mpx; 60 Mpx leaves room for
+#: large detectors while refusing decompression bombs long before they exhaust memory.
+DEFAULT_MAX_PIXELS = 60_000_000
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_DAYS_PER_MONTH = 365.25 / 12
+
+
+@dataclass
+class DecodedImage:
+    """A decoded radiograph and the patient facts its file carried (DICOM only)."""
+
+    pixels: np.ndarray
+    format: Literal["png", "jpeg", "dicom"]
+    sex: Sex | None = None
+    age_months: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def sniff_format(data: bytes) -> Literal["png", "jpeg", "dicom"]:
+    """Name the file format from its first bytes; the file name and MIME type are not trusted."""
+    if not data:
+        raise EmptyImage("The uploaded file is empty.")
+    if data.startswith(_PNG_MAGIC):
+        return "png"
+    if data.startswith(_JPEG_MAGIC):
+        return "jpeg"
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            kind = img.format or "unknown"
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise NotAnImage(
+            "The file is not a recognisable image. Send a PNG, JPEG or DICOM radiograph."
+        ) from None
+    raise UnsupportedFormat(f"{kind} images are not supported. Send a PNG, JPEG or DICOM radiograph.")
+
+
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Decode PNG, JPEG or DICOM bytes into a grey float32 picture."""
+    kind = sniff_format(data)
+    if kind == "dicom":
+        return _decode_dicom(data, max_pixels)
+    return DecodedImage(pixels=_decode_pillow(data, kind, max_pixels), format=kind)
+
+
+def decode_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Decode an image file from disk (training, evaluation and tests use this)."""
+    return decode(Path(path).read_bytes(), max_pixels=max_pixels)
+
+
+def _check_size(width: int, height: int, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise EmptyImage(f"The image has no pixels ({width}×{height}).")
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"The image is {width}×{height} = {width * height:,} pixels; the limit is {max_pixels:,}."
+        )
+
+
+def _decode_pillow(data: bytes, kind: str, max_pixels: int) -> np.ndarray:
+    """PNG (8/16-bit grey, RGB, RGBA, palette) and JPEG (grey, RGB, CMYK) → grey float32."""
+    try:
+        with warnings.catch_warnings():
+            # Our own limit is checked below from the header; Pillow's warning adds nothing.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            _check_size(*img.size, max_pixels=max_pixels)
+            img.load()
+    except (ImageTooLarge, EmptyImage):
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"The image declares too many pixels: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise TruncatedImage(
+            f"The {kind.upper()} file is truncated or corrupt and cannot be read ({exc})."
+        ) from None
+    if getattr(img, "n_frames", 1) > 1:
+        raise UnsupportedFormat("Animated images are not supported. Send a single radiograph.")
+    if kind == "jpeg":
+        # Phone photos of films carry their rotation in EXIF; apply it so the hand is upright.
+        img = ImageOps.exif_transpose(img)
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        pixels = np.asarray(img, dtype=np.float32)
+        return pixels / 65535.0
+    if mode == "F":
+        return np.asarray(img, dtype=np.float32)
+    if mode in ("L", "LA"):
+        grey = img.getchannel(0)
+    elif mode in ("P", "PA", "1", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
+        grey = img.convert("RGB").convert("L")
+    else:
+        raise UnsupportedFormat(f"{kind.upper()} images in mode {mode} are not supported.")
+    return np.asarray(grey, dtype=np.float32) / 255.0
+
+
+def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
+    """DICOM through pydicom: rescale, VOI LUT or window, MONOCHROME1 inverted."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise TruncatedImage(f"The DICOM file is truncated or corrupt ({exc}).") from None
+    if "PixelData" not in ds:
+        raise EmptyImage("The DICOM file holds no pixel data (no image to assess).")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    _check_size(cols, rows * frames, max_pixels)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise UnsupportedFormat(
+            f"DICOM photometric interpretation {photometric} is not supported for radiographs."
+        )
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    try:
+        pixels = ds.pixel_array
+    except (NotImplementedError, RuntimeError) as exc:
+        name = getattr(syntax, "name", str(syntax))
+        raise UnsupportedTransferSyntax(
+            f"DICOM pixel data encoded as '{name}' cannot be decoded here ({exc}). "
+            "Export the image uncompressed (Explicit VR Little Endian)."
+        ) from None
+    except (ValueError, EOFError, OSError, AttributeError, KeyError, TypeError) as exc:
+        raise TruncatedImage(f"The DICOM pixel data is truncated or corrupt ({exc}).") from None
+    if frames > 1:
+        pixels = pixels[0]
+    if pixels.ndim != 2 or pixels.size == 0:
+        raise EmptyImage("The DICOM pixel data is not a single grey image.")
+    try:
+        values = apply_modality_lut(pixels, ds)
+        if "VOILUTSequence" in ds and np.issubdtype(values.dtype, np.floating):
+            # An identity rescale still yields floats; a VOI LUT indexes by integer value.
+            values = np.rint(values).astype(np.int64)
+        values = apply_voi_lut(values, ds, index=0, prefer_lut=True)
+    except (ValueError, IndexError, KeyError, TypeError, AttributeError):
+        values = pixels  # Malformed LUT/window tags: fall back to stored values, noted below.
+    values = np.asarray(values, dtype=np.float32)
+    if photometric == "MONOCHROME1":
+        values = values.max() + values.min() - values
+    notes: list[str] = []
+    sex = _dicom_sex(ds, notes)
+    age = _dicom_age_months(ds, notes)
+    return DecodedImage(pixels=values, format="dicom", sex=sex, age_months=age, notes=notes)
+
+
+def _dicom_sex(ds, notes: list[str]) -> Sex | None:
+    raw = str(ds.get("PatientSex", "") or "").strip().upper()
+    if raw == "M":
+        return "male"
+    if raw == "F":
+        return "female"
+    if raw:
+        notes.append("DICOM PatientSex is neither M nor F and was not used.")
+    return None
+
+
+def parse_dicom_age(value: str) -> float | None:
+    """DICOM AS value ('007Y', '084M', '010W', '005D') → months; None when malformed."""
+    value = value.strip().upper()
+    if len(value) != 4 or not value[:3].isdigit() or value[3] not in "DWMY":
+        return None
+    number = int(value[:3])
+    factor = {"D": 1 / _DAYS_PER_MONTH, "W": 7 / _DAYS_PER_MONTH, "M": 1.0, "Y": 12.0}[value[3]]
+    return round(number * factor, 2)
+
+
+def _parse_da(value) -> dt.date | None:
+    try:
+        return dt.datetime.strptime(str(value).strip(), "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def _dicom_age_months(ds, notes: list[str]) -> float | None:
+    raw_age = str(ds.get("PatientAge", "") or "")
+    if raw_age.strip():
+        age = parse_dicom_age(raw_age)
+        if age is not None:
+            return age
+        notes.append("DICOM PatientAge is malformed and was not used.")
+    birth = ds.get("PatientBirthDate")
+    if not birth:
+        return None
+    born = _parse_da(birth)
+    taken = None
+    for tag in ("StudyDate", "AcquisitionDate", "ContentDate", "SeriesDate"):
+        if ds.get(tag):
+            taken = _parse_da(ds.get(tag))
+            if taken:
+                break
+    if born is None or taken is None or taken < born:
+        notes.append("DICOM birth or study date is malformed; age was not derived.")
+        return None
+    return round((taken - born).days / _DAYS_PER_MONTH, 2)

@@ -1,0 +1,145 @@
+"""Preprocessing: a decoded radiograph → the model's input tensor, driven by a spec.
+
+The :class:`PreprocessSpec` is saved in every training run and stored inside the
+exported ONNX file; the service reads it back from there. Nothing downstream repeats
+these constants, so a model cannot be served with preprocessing it was not trained on.
+
+Contract of :func:`preprocess`: ``(H, W) float32`` (any range, brighter = denser) →
+``(S, S, 3) float32`` in ``[-1, 1]`` (Xception's input scaling), deterministic: the same
+input gives bit-for-bit the same tensor in training, evaluation, export and serving.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from radiograph.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode
+from radiograph.errors import EmptyImage
+
+#: Percentiles are estimated on at most this many pixels (a strided grid), which keeps
+#: a 5-megapixel radiograph cheap while staying deterministic.
+_PERCENTILE_SAMPLE = 250_000
+
+
+class PreprocessSpec(BaseModel):
+    """Everything that decides how a radiograph becomes a model input."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: Literal[1] = 1
+    input_size: int = Field(100, ge=71, le=1024, description="Side of the square model input (px).")
+    square: Literal["stretch", "pad"] = Field(
+        "stretch",
+        description="'stretch' resizes the whole picture to a square (as the RSNA 100 px set "
+        "was made); 'pad' keeps the aspect ratio and pads with black.",
+    )
+    low_percentile: float = Field(0.5, ge=0, lt=50)
+    high_percentile: float = Field(99.5, gt=50, le=100)
+    crop_borders: bool = Field(True, description="Remove uniform borders and black padding.")
+    border_tolerance: float = Field(
+        0.02, gt=0, lt=0.5, description="A row/column whose std is below this is border."
+    )
+    scaling: Literal["xception"] = Field("xception", description="[0, 1] → [-1, 1].")
+    channels: Literal[3] = 3
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> PreprocessSpec:
+        """Parse a stored spec; raise ``ValueError`` with a readable reason when invalid."""
+        try:
+            return cls.model_validate(json.loads(text))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ValueError(f"preprocessing spec is not valid JSON: {exc}") from None
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in exc.errors()
+            )
+            raise ValueError(f"preprocessing spec is invalid: {problems}") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.model_dump_json(indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> PreprocessSpec:
+        return cls.from_json(Path(path).read_text())
+
+
+def robust_normalize(pixels: np.ndarray, low: float, high: float) -> np.ndarray:
+    """``(H, W)`` any range → ``(H, W) float32`` in [0, 1], clipped at the given percentiles.
+
+    Percentiles rather than min/max, so burned-in labels, collimator edges and hot
+    pixels do not squash the bone contrast.
+    """
+    h, w = pixels.shape
+    step = max(1, int(np.sqrt(h * w / _PERCENTILE_SAMPLE)))
+    sample = pixels[::step, ::step]
+    lo, hi = np.percentile(sample, [low, high]).astype(np.float32)
+    if not np.isfinite(lo) or not np.isfinite(hi) or hi - lo <= 1e-6:
+        raise EmptyImage("The image is blank: it has no contrast to assess.")
+    out = (pixels.astype(np.float32) - lo) / (hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def crop_uniform_borders(image: np.ndarray, tolerance: float) -> np.ndarray:
+    """``(H, W)`` in [0, 1] → the smallest window outside which every row/column is uniform.
+
+    Hospital exports pad radiographs with wide black (or white) margins; left in, they
+    shrink the hand to a fraction of the model's input.
+    """
+    rows = np.flatnonzero(image.std(axis=1) > tolerance)
+    cols = np.flatnonzero(image.std(axis=0) > tolerance)
+    if rows.size < 8 or cols.size < 8:
+        raise EmptyImage("The image is blank: no hand or structure was found in it.")
+    return image[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+
+
+def make_square(image: np.ndarray, mode: Literal["stretch", "pad"]) -> np.ndarray:
+    """``(H, W)`` → ``(S, S)`` with black padding for 'pad'; unchanged for 'stretch'."""
+    if mode == "stretch":
+        return image
+    h, w = image.shape
+    side = max(h, w)
+    out = np.zeros((side, side), dtype=np.float32)
+    top, left = (side - h) // 2, (side - w) // 2
+    out[top : top + h, left : left + w] = image
+    return out
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """``(H, W) float32`` → ``(size, size) float32``, antialiased bilinear (Pillow, mode F)."""
+    pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32), mode="F")
+    return np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def preprocess(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """``(H, W)`` decoded radiograph → ``(S, S, 3) float32`` in [-1, 1]."""
+    if pixels.ndim != 2 or min(pixels.shape) < 1:
+        raise EmptyImage("The image has no pixels.")
+    image = robust_normalize(pixels, spec.low_percentile, spec.high_percentile)
+    if spec.crop_borders:
+        image = crop_uniform_borders(image, spec.border_tolerance)
+    image = make_square(image, spec.square)
+    image = np.clip(resize(image, spec.input_size), 0.0, 1.0)
+    scaled = image * np.float32(2.0) - np.float32(1.0)  # Xception: [0, 1] → [-1, 1]
+    return np.ascontiguousarray(np.repeat(scaled[:, :, None], spec.channels, axis=2))
+
+
+def load_model_input(
+    data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, DecodedImage]:
+    """Raw file bytes → (model input tensor, decoded image with its DICOM facts)."""
+    decoded = decode(data, max_pixels=max_pixels)
+    return preprocess(decoded.pixels, spec), decoded
+
+
+def load_file(path: str | Path, spec: PreprocessSpec) -> np.ndarray:
+    """A file on disk → model input tensor (the training and evaluation entry point)."""
+    return load_model_input(Path(path).read_bytes(), spec)[0]
