@@ -66,9 +66,7 @@ def sniff_format(data: bytes) -> Literal["png", "jpeg", "dicom"]:
         with Image.open(io.BytesIO(data)) as img:
             kind = img.format or "unknown"
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise NotAnImage(
-            "The file is not a recognisable image. Send a PNG, JPEG or DICOM radiograph."
-        ) from None
+        raise NotAnImage("The file is not a recognisable image. Send a PNG, JPEG or DICOM radiograph.") from None
     raise UnsupportedFormat(f"{kind} images are not supported. Send a PNG, JPEG or DICOM radiograph.")
 
 
@@ -89,9 +87,7 @@ def _check_size(width: int, height: int, max_pixels: int) -> None:
     if width <= 0 or height <= 0:
         raise EmptyImage(f"The image has no pixels ({width}×{height}).")
     if width * height > max_pixels:
-        raise ImageTooLarge(
-            f"The image is {width}×{height} = {width * height:,} pixels; the limit is {max_pixels:,}."
-        )
+        raise ImageTooLarge(f"The image is {width}×{height} = {width * height:,} pixels; the limit is {max_pixels:,}.")
 
 
 def _decode_pillow(data: bytes, kind: str, max_pixels: int) -> np.ndarray:
@@ -108,9 +104,7 @@ def _decode_pillow(data: bytes, kind: str, max_pixels: int) -> np.ndarray:
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"The image declares too many pixels: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise TruncatedImage(
-            f"The {kind.upper()} file is truncated or corrupt and cannot be read ({exc})."
-        ) from None
+        raise TruncatedImage(f"The {kind.upper()} file is truncated or corrupt and cannot be read ({exc}).") from None
     if getattr(img, "n_frames", 1) > 1:
         raise UnsupportedFormat("Animated images are not supported. Send a single radiograph.")
     if kind == "jpeg":
@@ -148,9 +142,7 @@ def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
     _check_size(cols, rows * frames, max_pixels)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise UnsupportedFormat(
-            f"DICOM photometric interpretation {photometric} is not supported for radiographs."
-        )
+        raise UnsupportedFormat(f"DICOM photometric interpretation {photometric} is not supported for radiographs.")
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     try:

@@ -42,9 +42,7 @@ class PreprocessSpec(BaseModel):
     low_percentile: float = Field(0.5, ge=0, lt=50)
     high_percentile: float = Field(99.5, gt=50, le=100)
     crop_borders: bool = Field(True, description="Remove uniform borders and black padding.")
-    border_tolerance: float = Field(
-        0.02, gt=0, lt=0.5, description="A row/column whose std is below this is border."
-    )
+    border_tolerance: float = Field(0.02, gt=0, lt=0.5, description="A row/column whose std is below this is border.")
     scaling: Literal["xception"] = Field("xception", description="[0, 1] → [-1, 1].")
     channels: Literal[3] = 3
 
@@ -59,9 +57,7 @@ class PreprocessSpec(BaseModel):
         except (json.JSONDecodeError, TypeError) as exc:
             raise ValueError(f"preprocessing spec is not valid JSON: {exc}") from None
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in exc.errors()
-            )
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in exc.errors())
             raise ValueError(f"preprocessing spec is invalid: {problems}") from None
 
     def save(self, path: str | Path) -> None:

@@ -125,7 +125,7 @@ def stratified_split(
     for key in sorted(strata):
         group = strata[key]
         order = rng.permutation(len(group))
-        n_val = int(round(len(group) * val_fraction))
+        n_val = round(len(group) * val_fraction)
         val += [group[i] for i in order[:n_val]]
         train += [group[i] for i in order[n_val:]]
     return train, val

@@ -114,10 +114,7 @@ def format_metrics(metrics: dict) -> str:
         f"(mean-predictor MAE {metrics['mean_predictor_mae']:.2f})"
     ]
     for group in ("by_sex", "by_age_band"):
-        parts = [
-            f"{k}: {v['mae']:.2f} (n={v['n']})" if v["n"] else f"{k}: – (n=0)"
-            for k, v in metrics[group].items()
-        ]
+        parts = [f"{k}: {v['mae']:.2f} (n={v['n']})" if v["n"] else f"{k}: – (n=0)" for k, v in metrics[group].items()]
         lines.append("  " + "  ".join(parts))
     return "\n".join(lines)
 

@@ -20,9 +20,7 @@ def build_model(
     """Xception base (``weights``: 'imagenet', None, or a local weights file) + sex branch + head."""
     image = keras.Input((input_size, input_size, 3), name="image")
     sex = keras.Input((1,), name="sex")
-    base = keras.applications.Xception(
-        include_top=False, weights=weights, input_tensor=image, pooling="avg"
-    )
+    base = keras.applications.Xception(include_top=False, weights=weights, input_tensor=image, pooling="avg")
     sex_features = keras.layers.Dense(32, activation="relu", name="sex_dense")(sex)
     x = keras.layers.Concatenate(name="features")([base.output, sex_features])
     x = keras.layers.Dense(256, activation="relu", name="head_dense")(x)

@@ -45,8 +45,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--patience", type=int, default=5, help="early-stopping patience (epochs)")
     p.add_argument("--steps-per-epoch", type=int, help="cap batches per epoch (smoke runs)")
-    p.add_argument("--strategy", choices=["default", "mirrored"], default="default",
-                   help="'mirrored' trains on every visible GPU (tf.distribute.MirroredStrategy)")
+    p.add_argument(
+        "--strategy",
+        choices=["default", "mirrored"],
+        default="default",
+        help="'mirrored' trains on every visible GPU (tf.distribute.MirroredStrategy)",
+    )
     p.add_argument("--mixed-precision", action="store_true", help="mixed_bfloat16 on CPU, mixed_float16 on GPU")
     p.add_argument("--cache-dir", type=Path, default=Path("runs/.cache"), help="preprocessed-tensor cache")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="decode processes")
@@ -135,8 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     x_train = data.load_images(data.image_paths(train_s, train_dir), spec, args.cache_dir, args.workers)
     x_val = data.load_images(data.image_paths(val_s, val_dir), spec, args.cache_dir, args.workers)
-    print(f"prepared {len(x_train)} training and {len(x_val)} validation images "
-          f"at {spec.input_size}px in {time.perf_counter() - t0:.1f}s")
+    print(
+        f"prepared {len(x_train)} training and {len(x_val)} validation images "
+        f"at {spec.input_size}px in {time.perf_counter() - t0:.1f}s"
+    )
     sex_train, y_train = data.arrays(train_s)
     sex_val, y_val = data.arrays(val_s)
     train_ds = data.make_dataset(x_train, sex_train, y_train, args.batch_size, training=True, seed=args.seed)
@@ -147,15 +153,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.resume:
         (run / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         spec.save(run / "preprocessing.json")
-        (run / "data.json").write_text(json.dumps({
-            "source": "RSNA Pediatric Bone Age Challenge 2017 (Halabi et al., Radiology 2019)",
-            "labels": str(args.csv),
-            "train_count": len(train_s),
-            "validation_count": len(val_s),
-            "validation_source": str(args.val_csv or f"{args.val_fraction:.0%} stratified split"),
-            "input_size": spec.input_size,
-            "boneage_months_range": [float(y_train.min()), float(y_train.max())],
-        }, indent=2) + "\n")
+        (run / "data.json").write_text(
+            json.dumps(
+                {
+                    "source": "RSNA Pediatric Bone Age Challenge 2017 (Halabi et al., Radiology 2019)",
+                    "labels": str(args.csv),
+                    "train_count": len(train_s),
+                    "validation_count": len(val_s),
+                    "validation_source": str(args.val_csv or f"{args.val_fraction:.0%} stratified split"),
+                    "input_size": spec.input_size,
+                    "boneage_months_range": [float(y_train.min()), float(y_train.max())],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
     # Model: a fresh one, or the last checkpoint (weights + optimizer state) when resuming.
     strategy = tf.distribute.MirroredStrategy() if args.strategy == "mirrored" else tf.distribute.get_strategy()
@@ -189,14 +201,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     epochs_run = max(completed_epochs(run) - initial_epoch, 1)
     seen = epochs_run * min(len(x_train), (args.steps_per_epoch or 10**9) * args.batch_size)
-    print(f"trained {epochs_run} epoch(s) in {seconds / 60:.1f} min: {seen / seconds:.1f} images/s, "
-          f"{seconds / 60 / epochs_run:.2f} min/epoch")
+    print(
+        f"trained {epochs_run} epoch(s) in {seconds / 60:.1f} min: {seen / seconds:.1f} images/s, "
+        f"{seconds / 60 / epochs_run:.2f} min/epoch"
+    )
 
     # Validation report of the best checkpoint (what the export will ship).
     best = keras.models.load_model(run / "best.keras")
     pred = predict_keras(best, x_val, sex_val, args.batch_size)
-    metrics = write_report(run / "validation", [s.image_id for s in val_s], y_val, pred,
-                           sex_val[:, 0] > 0.5, "validation")
+    metrics = write_report(
+        run / "validation", [s.image_id for s in val_s], y_val, pred, sex_val[:, 0] > 0.5, "validation"
+    )
     (run / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(format_metrics(metrics))
     print(f"run folder: {run}  (loss curve: {run / 'loss.png'})")

@@ -1,0 +1,119 @@
+"""POST /v1/bone-age (multipart) and /v1/bone-age/json (base64): the product."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+
+from app import assessment
+from app.api.deps import RuntimeDep
+from app.batching import BatchFailed, Overloaded
+from app.problems import ProblemError
+from app.runtime import Runtime
+from app.schemas import MAX_AGE_MONTHS, BoneAgeJsonRequest, BoneAgeResponse, ModelRef, Problem, SexIn, normalise_sex
+from radiograph import load_model_input
+
+router = APIRouter(prefix="/v1", tags=["bone age"])
+
+ERRORS = {
+    status: {"model": Problem, "content": {"application/problem+json": {}}, "description": text}
+    for status, text in {
+        400: "The image cannot be read (not an image, truncated, blank, bad base64).",
+        401: "Missing or wrong X-API-Key (only when the service requires one).",
+        413: "Upload or image larger than the service accepts.",
+        415: "A real image in a format the service does not read (GIF, compressed DICOM…).",
+        422: "Invalid or missing field (e.g. sex, when the image does not carry it).",
+        503: "Not ready, or overloaded: retry after the Retry-After seconds.",
+        504: "The request waited longer than the service's deadline.",
+    }.items()
+}
+
+
+async def _assess(
+    runtime: Runtime, request: Request, data: bytes, sex: str | None, age: float | None
+) -> BoneAgeResponse:
+    """Shared by both endpoints: decode + preprocess in the pool, batch, assess."""
+    settings = runtime.settings
+    if len(data) > settings.max_upload_bytes:
+        raise ProblemError(
+            413, f"The image is {len(data):,} bytes; the limit is {settings.max_upload_bytes:,}.", "Upload too large"
+        )
+    loop = asyncio.get_running_loop()
+    tensor, decoded = await loop.run_in_executor(
+        runtime.pool, load_model_input, data, runtime.model.spec, settings.max_pixels
+    )
+    notes = list(decoded.notes)
+    requested = normalise_sex(sex)
+    if requested:
+        used_sex, sex_source = requested, "request"
+        if decoded.sex and decoded.sex != requested:
+            notes.append(f"The DICOM's PatientSex ({decoded.sex}) differs from the request; the request was used.")
+    elif decoded.sex:
+        used_sex, sex_source = decoded.sex, "dicom"
+    else:
+        raise ProblemError(
+            422,
+            "sex is required: send 'male' or 'female' (this image does not carry the patient's sex).",
+            "Missing sex",
+        )
+    age_source = "request" if age is not None else None
+    if age is None and decoded.age_months is not None:
+        if 0 < decoded.age_months <= MAX_AGE_MONTHS:
+            age, age_source = decoded.age_months, "dicom"
+        else:
+            notes.append("The DICOM's patient age is outside 0–300 months and was not used.")
+    try:
+        months = await runtime.batcher.submit(tensor, 1.0 if used_sex == "male" else 0.0, settings.request_timeout_s)
+    except Overloaded:
+        raise ProblemError(
+            503, "The service is at capacity; retry shortly.", "Overloaded", {"Retry-After": "1"}
+        ) from None
+    except TimeoutError:
+        raise ProblemError(504, f"No result within {settings.request_timeout_s:g} s.", "Timed out") from None
+    except BatchFailed:
+        raise ProblemError(500, "Inference failed for this request's batch; retry.", "Inference failed") from None
+    result = None
+    if age is not None:
+        a = assessment.assess(months, age, used_sex)
+        result = {**a.__dict__, "sd_source": assessment.SD_SOURCE, "sd_method": assessment.SD_METHOD}
+    return BoneAgeResponse(
+        request_id=request.state.request_id,
+        bone_age_months=round(months, 1),
+        bone_age_years=round(months / 12, 1),
+        sex=used_sex,
+        sex_source=sex_source,
+        chronological_age_months=None if age is None else round(age, 2),
+        chronological_age_source=age_source,
+        assessment=result,
+        model=ModelRef(name=runtime.model.file.name, version=runtime.model.file.version),
+        notes=notes,
+    )
+
+
+@router.post("/bone-age", response_model=BoneAgeResponse, responses=ERRORS)
+async def bone_age(
+    runtime: RuntimeDep,
+    request: Request,
+    image: Annotated[UploadFile, File(description="Hand radiograph: PNG, JPEG or DICOM.")],
+    sex: Annotated[SexIn | None, Form(description="male/female or M/F; optional for a DICOM with PatientSex.")] = None,
+    chronological_age_months: Annotated[
+        float | None, Form(gt=0, le=MAX_AGE_MONTHS, description="Optional; read from a DICOM if absent.")
+    ] = None,
+) -> BoneAgeResponse:
+    """Bone age from an uploaded radiograph (multipart form)."""
+    data = await image.read(runtime.settings.max_upload_bytes + 1)
+    return await _assess(runtime, request, data, sex, chronological_age_months)
+
+
+@router.post("/bone-age/json", response_model=BoneAgeResponse, responses=ERRORS)
+async def bone_age_json(runtime: RuntimeDep, request: Request, body: BoneAgeJsonRequest) -> BoneAgeResponse:
+    """Bone age from a base64-encoded radiograph in a JSON body."""
+    try:
+        data = base64.b64decode(body.image, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProblemError(400, "'image' is not valid base64.", "Bad base64") from None
+    return await _assess(runtime, request, data, body.sex, body.chronological_age_months)

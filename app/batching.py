@@ -1,0 +1,130 @@
+"""Dynamic batching: concurrent requests wait in a bounded queue and share one session call.
+
+Shape taken from Ray Serve's batch queue: one future per request; a collector that takes
+at most ``max_batch_size`` items or whatever arrived within ``max_wait`` of the first; one
+model call off the event loop; results (or the batch's exception) fanned out to every
+caller. Timestamps use ``time.monotonic()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger("boneage")
+
+
+class Overloaded(RuntimeError):
+    """The queue is full: the caller should retry later (503 + Retry-After)."""
+
+
+class BatchFailed(RuntimeError):
+    """The model call for this request's batch failed; other batches are unaffected."""
+
+
+@dataclass
+class _Item:
+    image: np.ndarray
+    sex: float
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """``await batcher.submit(image, sex)`` → months, batched with whoever else is waiting."""
+
+    def __init__(
+        self,
+        predict: Callable[[np.ndarray, np.ndarray], np.ndarray],
+        max_batch_size: int = 16,
+        max_wait_s: float = 0.005,
+        queue_size: int = 256,
+        on_batch: Callable[[int, list[float], float], None] | None = None,
+    ):
+        self.predict = predict
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=queue_size)
+        self.on_batch = on_batch  # (batch size, queue waits in s, model seconds) → metrics
+        self.batches_run = 0
+        self._task: asyncio.Task | None = None
+        # One thread: model calls never overlap; ONNX Runtime parallelises inside each call.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="onnxruntime")
+
+    @property
+    def depth(self) -> int:
+        return self.queue.qsize()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    async def stop(self) -> None:
+        """Answer everything already queued, then stop (graceful shutdown)."""
+        while not self.queue.empty():
+            await asyncio.sleep(0.01)
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, image: np.ndarray, sex: float, timeout: float | None = None) -> float:
+        """Queue one preprocessed image; raise Overloaded, TimeoutError or BatchFailed."""
+        item = _Item(image, sex, asyncio.get_running_loop().create_future())
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            raise Overloaded(f"{self.queue.maxsize} requests are already waiting") from None
+        return await asyncio.wait_for(item.future, timeout)  # Cancels the future on timeout.
+
+    async def _collect(self) -> list[_Item]:
+        batch = [await self.queue.get()]
+        deadline = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            try:
+                batch.append(self.queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+            except TimeoutError:
+                break
+        return [item for item in batch if not item.future.done()]  # Drop callers that timed out.
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            if not batch:
+                continue
+            started = time.monotonic()
+            images = np.stack([item.image for item in batch])
+            sex = np.array([[item.sex] for item in batch], dtype=np.float32)
+            try:
+                months = await loop.run_in_executor(self._executor, self.predict, images, sex)
+                if len(months) != len(batch):
+                    raise RuntimeError(f"model returned {len(months)} results for {len(batch)} inputs")
+            except Exception as exc:
+                log.error("batch of %d failed: %s", len(batch), exc)
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(BatchFailed(str(exc)))
+                continue
+            finally:
+                self.batches_run += 1
+            if self.on_batch:
+                self.on_batch(len(batch), [started - i.enqueued for i in batch], time.monotonic() - started)
+            for item, value in zip(batch, months, strict=True):
+                if not item.future.done():
+                    item.future.set_result(float(value))

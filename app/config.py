@@ -1,0 +1,46 @@
+"""Service settings, all from environment variables prefixed ``BONEAGE_`` (see README)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from radiograph.decode import DEFAULT_MAX_PIXELS
+
+#: The model shipped in the repository (see MODEL_CARD.md).
+BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "models" / "boneage.onnx"
+
+
+class Settings(BaseSettings):
+    """Every operational knob of the service; defaults are chosen from bench/ (docs/benchmarks.md)."""
+
+    model_config = SettingsConfigDict(env_prefix="BONEAGE_", env_file=None, frozen=True)
+
+    model_path: Path = Field(BUNDLED_MODEL, description="ONNX model file written by `python -m export`.")
+    providers: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="'auto' uses CUDA when a usable GPU is present, else the CPU."
+    )
+    max_batch_size: int = Field(16, ge=1, le=256, description="Largest batch sent to ONNX Runtime.")
+    max_wait_ms: float = Field(5.0, ge=0, le=1000, description="How long a batch waits to fill up.")
+    queue_size: int = Field(256, ge=1, description="Requests allowed to wait; beyond it: 503.")
+    request_timeout_s: float = Field(30.0, gt=0, description="A request waiting longer answers 504.")
+    max_upload_mb: float = Field(32.0, gt=0, description="Largest accepted upload; beyond it: 413.")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="Decompression-bomb guard.")
+    preprocess_workers: int = Field(0, ge=0, description="Decode/preprocess threads (0 = one per core).")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads (0 = its default).")
+    api_key: SecretStr | None = Field(None, description="When set, /v1 endpoints need header X-API-Key.")
+    cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins; empty = CORS off.")
+    log_level: str = "INFO"
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,158 @@
+"""The bone-age service: ``uvicorn app.main:app`` (settings from ``BONEAGE_*`` variables)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import fastapi_offline
+from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.staticfiles import StaticFiles
+from starlette.formparsers import MultiPartParser
+
+from app import problems
+from app.api import bone_age, service
+from app.api.deps import require_api_key
+from app.batching import Batcher
+from app.config import Settings, get_settings
+from app.inference import Model
+from app.metrics import Metrics
+from app.runtime import Runtime
+from export.modelfile import ModelFileError
+
+log = logging.getLogger("boneage")
+SWAGGER_ASSETS = Path(fastapi_offline.__file__).parent / "static"
+
+DESCRIPTION = """
+Send a hand radiograph (PNG, JPEG or DICOM) and the child's sex; get the bone age in
+months and years and, when the child's age is known, how far it is from it (z-score against
+the Greulich & Pyle / Brush Foundation SD table, delayed / normal / advanced by ±2 SD).
+
+Decision support and research only; not a medical device. Model: see `GET /v1/model`.
+Errors are `application/problem+json`.
+"""
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    """Load and warm up the model before accepting traffic; drain the queue on shutdown."""
+    settings: Settings = app.state.settings
+    try:
+        model = await asyncio.to_thread(Model, settings.model_path, settings.providers, settings.intra_op_threads)
+    except ModelFileError as exc:
+        log.error("cannot start: %s", exc)
+        raise
+    started = time.perf_counter()
+    await asyncio.to_thread(model.warm_up, settings.max_batch_size)
+    metrics: Metrics = app.state.metrics
+    batcher = Batcher(
+        model.predict,
+        settings.max_batch_size,
+        settings.max_wait_ms / 1000,
+        settings.queue_size,
+        on_batch=metrics.observe_batch,
+    )
+    pool = ThreadPoolExecutor(settings.preprocess_workers or os.cpu_count() or 1, thread_name_prefix="preprocess")
+    batcher.start()
+    runtime = Runtime(settings, model, batcher, pool, metrics, ready=True)
+    app.state.runtime = runtime
+    log.info("ready: warmed up batch sizes 1–%d in %.1fs", settings.max_batch_size, time.perf_counter() - started)
+    try:
+        yield
+    finally:
+        runtime.ready = False
+        await batcher.stop()
+        pool.shutdown(wait=True)
+        log.info("stopped")
+
+
+def _configure_logging(level: str) -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(level.upper())
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Application factory: one app per settings object (tests build several)."""
+    settings = settings or get_settings()
+    _configure_logging(settings.log_level)
+    # Keep multipart uploads in memory up to the upload limit: images are never written to disk.
+    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, settings.max_upload_bytes + 1)
+
+    app = FastAPI(
+        title="Pediatric bone age",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    problems.install(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"]
+        )
+    app.include_router(bone_age.router, dependencies=[Depends(require_api_key)])
+    app.include_router(service.router)
+    app.mount("/static", StaticFiles(directory=SWAGGER_ASSETS), name="static")
+
+    @app.middleware("http")
+    async def request_context(request: Request, call_next):
+        """Request id, one log line (ids, sizes, timings, status: never patient data) and metrics."""
+        request.state.request_id = uuid.uuid4().hex
+        started = time.perf_counter()
+        response = await call_next(request)
+        seconds = time.perf_counter() - started
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "other")
+        response.headers["X-Request-ID"] = request.state.request_id
+        app.state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        app.state.metrics.latency.labels(endpoint).observe(seconds)
+        if endpoint.startswith("/v1"):
+            log.info(
+                "request_id=%s %s %s status=%d bytes_in=%s ms=%.1f",
+                request.state.request_id,
+                request.method,
+                endpoint,
+                response.status_code,
+                request.headers.get("content-length", "-"),
+                seconds * 1000,
+            )
+        return response
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui():
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title=f"{app.title} – API",
+            swagger_js_url="/static/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger-ui.css",
+            swagger_favicon_url="/static/favicon.png",
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc():
+        return get_redoc_html(
+            openapi_url=app.openapi_url,
+            title=f"{app.title} – reference",
+            redoc_js_url="/static/redoc.standalone.js",
+            redoc_favicon_url="/static/favicon.png",
+        )
+
+    return app
+
+
+app = create_app()

@@ -1,0 +1,156 @@
+"""Request and response models; their examples are what /docs shows users."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.assessment import Classification
+
+SexIn = Literal["male", "female", "M", "F", "m", "f", "Male", "Female", "MALE", "FEMALE"]
+Sex = Literal["male", "female"]
+MAX_AGE_MONTHS = 300.0
+
+
+def normalise_sex(value: str | None) -> Sex | None:
+    """'male'/'female'/'M'/'F' in any case → 'male'/'female'; None stays None."""
+    if value is None:
+        return None
+    key = value.strip().lower()
+    if key in ("male", "m"):
+        return "male"
+    if key in ("female", "f"):
+        return "female"
+    raise ValueError("sex must be 'male', 'female', 'M' or 'F'")
+
+
+class BoneAgeJsonRequest(BaseModel):
+    """A radiograph sent as base64 in JSON (for clients that cannot send multipart)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"image": "iVBORw0KGgoAAAANSUhEUgAA…", "sex": "female", "chronological_age_months": 84}]
+        },
+    )
+
+    image: str = Field(..., min_length=1, description="PNG, JPEG or DICOM file, base64-encoded.")
+    sex: SexIn | None = Field(None, description="male/female (or M/F); optional when a DICOM carries PatientSex.")
+    chronological_age_months: float | None = Field(
+        None, gt=0, le=MAX_AGE_MONTHS, description="Child's age; optional, taken from a DICOM when absent."
+    )
+
+    @field_validator("image")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        return value.strip()
+
+
+class Assessment(BaseModel):
+    difference_months: float = Field(description="Bone age − chronological age.")
+    sd_months: float | None = Field(description="SD of bone age for this age and sex; null outside the table.")
+    z_score: float | None
+    classification: Classification = Field(description="By the ±2 SD rule; 'indeterminate' when no SD exists.")
+    statement: str
+    sd_source: str
+    sd_method: str
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class BoneAgeResponse(BaseModel):
+    """The bone age, and how it compares with the child's age when that is known."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "request_id": "6f1c2b7e9a4d4f0e8b1a2c3d4e5f6a7b",
+                    "bone_age_months": 101.3,
+                    "bone_age_years": 8.4,
+                    "sex": "female",
+                    "sex_source": "dicom",
+                    "chronological_age_months": 84.0,
+                    "chronological_age_source": "dicom",
+                    "assessment": {
+                        "difference_months": 17.3,
+                        "sd_months": 9.64,
+                        "z_score": 1.79,
+                        "classification": "normal",
+                        "statement": "Bone age is 17.3 months ahead of chronological age (z = +1.79), within the ±2 SD "
+                        "range: normal.",
+                        "sd_source": "Greulich & Pyle (Brush Foundation) SD of skeletal age; …",
+                        "sd_method": "linear interpolation between table ages",
+                    },
+                    "model": {"name": "boneage-xception", "version": "xception100-v1"},
+                    "notes": [],
+                }
+            ]
+        }
+    )
+
+    request_id: str
+    bone_age_months: float = Field(description="Predicted bone age, one decimal.")
+    bone_age_years: float = Field(description="The same in years, one decimal.")
+    sex: Sex
+    sex_source: Literal["request", "dicom"]
+    chronological_age_months: float | None = None
+    chronological_age_source: Literal["request", "dicom"] | None = None
+    assessment: Assessment | None = Field(None, description="Present when the chronological age is known.")
+    model: ModelRef
+    notes: list[str] = Field(default_factory=list, description="Anything the user should know about this answer.")
+
+
+class BatchingInfo(BaseModel):
+    max_batch_size: int
+    max_wait_ms: float
+    queue_size: int
+    request_timeout_s: float
+
+
+class ModelInfo(BaseModel):
+    """What is being served, read from the model file itself."""
+
+    name: str
+    version: str
+    input_size: int
+    preprocessing: dict
+    execution_providers: list[str]
+    batching: BatchingInfo
+    metadata: dict
+
+
+class Health(BaseModel):
+    status: Literal["ok", "ready", "not ready"]
+    detail: str | None = None
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, returned as application/problem+json for every error."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "type": "about:blank",
+                    "title": "Not an image",
+                    "status": 400,
+                    "detail": "The file is not a recognisable image. Send a PNG, JPEG or DICOM radiograph.",
+                    "instance": "/v1/bone-age",
+                    "request_id": "6f1c2b7e9a4d4f0e8b1a2c3d4e5f6a7b",
+                }
+            ]
+        }
+    )
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    request_id: str | None = None
+    errors: list[dict] | None = None

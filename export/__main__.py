@@ -1,0 +1,117 @@
+"""Export a training run to ONNX, and verify any ONNX model file.
+
+    python -m export convert runs/NAME --out models/boneage.onnx [--storage float16|float32]
+    python -m export verify models/boneage.onnx --image hand.png --sex female
+
+``convert`` checks Keras/ONNX parity on real radiographs for each storage option and
+prints file size, parity and timings. ``verify`` prints a file's metadata, runs it on one
+image and exits non-zero with a plain message on a corrupted, foreign or misbehaving file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from export.modelfile import INPUT_IMAGE, INPUT_SEX, OUTPUT, ModelFileError, open_session
+
+
+def _parity_paths(source: Path, count: int) -> list[Path]:
+    paths = sorted(source.glob("*.png")) if source.is_dir() else []
+    return paths[:count]
+
+
+def convert(args: argparse.Namespace) -> int:
+    from export.convert import ExportError, export_run
+
+    paths = _parity_paths(args.parity_images, args.parity_count)
+    try:
+        report = export_run(args.run_dir, args.out, paths, args.storage, args.name, args.version)
+    except ExportError as exc:
+        print(f"export refused: {exc}", file=sys.stderr)
+        return 1
+    for name, row in report["storage"].items():
+        print(
+            f"{name:8s} weights: {row['size_mb']:6.2f} MB, max |Keras − ONNX| = "
+            f"{row['max_abs_diff_months']:.5f} months (bound {row['bound_months']}) "
+            f"on {report['parity_images']} radiographs"
+        )
+    t = report["timing_ms"]
+    print(
+        f"timing (median ms): ONNX Runtime batch 1 {t['onnxruntime_batch1']:.1f}, batch 16 "
+        f"{t['onnxruntime_batch16']:.1f}; Keras batch 1 {t['keras_batch1']:.1f}, batch 16 {t['keras_batch16']:.1f}"
+    )
+    print(f"wrote {report['path']} ({report['file_size_mb']} MB, {args.storage} weights)")
+    return 0
+
+
+def verify(args: argparse.Namespace) -> int:
+    from radiograph import ImageError, load_model_input
+
+    try:
+        session, model = open_session(args.model)
+    except ModelFileError as exc:
+        print(f"invalid model file: {exc}", file=sys.stderr)
+        return 2
+    print(
+        json.dumps(
+            {"path": str(model.path), "preprocessing": model.spec.model_dump(), **model.metadata}, indent=2, default=str
+        )
+    )
+    if args.image is None:
+        return 0
+    try:
+        tensor, decoded = load_model_input(args.image.read_bytes(), model.spec)
+    except (OSError, ImageError) as exc:
+        print(f"cannot use image {args.image}: {exc}", file=sys.stderr)
+        return 2
+    sex = args.sex or decoded.sex or "female"
+    value = float(
+        session.run(
+            [OUTPUT], {INPUT_IMAGE: tensor[None], INPUT_SEX: np.array([[1.0 if sex == "male" else 0.0]], np.float32)}
+        )[0].reshape(-1)[0]
+    )
+    print(f"{args.image.name} ({sex}): bone age {value:.1f} months")
+    if not np.isfinite(value) or not 0 <= value <= 300:
+        print(f"model output {value} is not a plausible bone age (0–300 months)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from training.data import data_root
+
+    parser = argparse.ArgumentParser(
+        prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert", help="training run → ONNX file with metadata, parity-checked")
+    c.add_argument("run_dir", type=Path)
+    c.add_argument("--out", type=Path, default=Path("models/boneage.onnx"))
+    c.add_argument("--storage", choices=["float16", "float32"], default="float16")
+    c.add_argument("--name", default="boneage-xception")
+    c.add_argument("--version", help="model version (default: the run folder's name)")
+    c.add_argument(
+        "--parity-images",
+        type=Path,
+        default=data_root() / "rsna-halfres" / "images",
+        help="folder of real radiographs (PNG) for the Keras/ONNX parity check",
+    )
+    c.add_argument("--parity-count", type=int, default=16)
+    c.set_defaults(func=convert)
+    v = sub.add_parser("verify", help="print a model file's metadata and run it on one image")
+    v.add_argument("model", type=Path)
+    v.add_argument("--image", type=Path)
+    v.add_argument("--sex", choices=["male", "female"])
+    v.set_defaults(func=verify)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""The bundled model file: an ONNX graph that carries its own preprocessing spec and metadata.
+
+Reading needs ONNX Runtime only (no TensorFlow), so the service, the verify command and the
+benchmarks share this one loader. A file that is missing, truncated, not ONNX, or an ONNX
+model without our metadata is refused with a message naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from radiograph import PreprocessSpec
+
+#: Every metadata key we write starts with this, so foreign keys never collide.
+PREFIX = "boneage."
+SPEC_KEY = PREFIX + "preprocessing"
+FORMAT_VERSION = "1"
+
+INPUT_IMAGE, INPUT_SEX, OUTPUT = "image", "sex", "bone_age_months"
+
+
+class ModelFileError(RuntimeError):
+    """The model file cannot be served; the message names the file and what is wrong."""
+
+
+@dataclass
+class ModelFile:
+    """What the service needs to know about a model, read from the file alone."""
+
+    path: Path
+    spec: PreprocessSpec
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("model_name", self.path.stem))
+
+    @property
+    def version(self) -> str:
+        return str(self.metadata.get("model_version", "unknown"))
+
+
+def decode_metadata(props: dict[str, str]) -> dict[str, Any]:
+    """ONNX metadata strings → values (our keys hold JSON), without the prefix."""
+    out: dict[str, Any] = {}
+    for key, raw in props.items():
+        if not key.startswith(PREFIX) or key == SPEC_KEY:  # The spec is read (and validated) on its own.
+            continue
+        try:
+            out[key[len(PREFIX) :]] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key[len(PREFIX) :]] = raw
+    return out
+
+
+def encode_metadata(values: dict[str, Any]) -> dict[str, str]:
+    """Values → ONNX metadata strings (JSON), with the prefix."""
+    return {PREFIX + k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in values.items()}
+
+
+def open_session(path: str | Path, providers: list | None = None, options=None):
+    """Load and check a model file → ``(onnxruntime.InferenceSession, ModelFile)``."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found")
+    if path.stat().st_size == 0:
+        raise ModelFileError(f"{path}: model file is empty")
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers or ["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types for every kind of bad file.
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ModelFileError(f"{path}: not a readable ONNX model (truncated or foreign file?): {reason}") from None
+    props = session.get_modelmeta().custom_metadata_map
+    if SPEC_KEY not in props:
+        raise ModelFileError(
+            f"{path}: ONNX model has no '{SPEC_KEY}' metadata, so its preprocessing is unknown; "
+            "export models with `python -m export`"
+        )
+    try:
+        spec = PreprocessSpec.from_json(props[SPEC_KEY])
+    except ValueError as exc:
+        raise ModelFileError(f"{path}: {exc}") from None
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    outputs = [o.name for o in session.get_outputs()]
+    if set(inputs) != {INPUT_IMAGE, INPUT_SEX} or outputs != [OUTPUT]:
+        raise ModelFileError(
+            f"{path}: expected inputs image, sex and output bone_age_months; got {sorted(inputs)} → {outputs}"
+        )
+    if list(inputs[INPUT_IMAGE][1:]) != [spec.input_size, spec.input_size, spec.channels]:
+        raise ModelFileError(
+            f"{path}: image input shape {inputs[INPUT_IMAGE]} does not match the spec's "
+            f"{spec.input_size}×{spec.input_size}×{spec.channels}"
+        )
+    return session, ModelFile(path=path, spec=spec, metadata=decode_metadata(props))

@@ -1,0 +1,121 @@
+"""Shared test fixtures: real radiographs from tests/fixtures, and the full data set when present.
+
+Tests marked ``data`` need ``$BONEAGE_DATA_DIR`` (default ``../shared/data``). They skip with
+the reason when it is absent, except when ``BONEAGE_REQUIRE_DATA=1`` (set by ``.ci/run``),
+where a missing data set fails the run instead of hiding tests.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from training.data import data_root
+
+FIXTURES = Path(__file__).parent / "fixtures"
+THUMBNAILS_CSV = FIXTURES / "rsna-100px" / "boneage-training-dataset.csv"
+THUMBNAILS = FIXTURES / "rsna-100px" / "boneage-training-dataset"
+HALFRES_PNG = FIXTURES / "images" / "rsna-halfres-3225.png"  # girl, bone age 36 months
+HOSPITAL_JPEG = FIXTURES / "images" / "hospital-f3.9.jpg"
+SMALL_DICOM = FIXTURES / "images" / "hand-dx-ge-14bit-quarter.dcm"  # female, PatientAge 007Y
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    root = data_root()
+    if not (root / "rsna-halfres" / "labels.csv").is_file():
+        if os.environ.get("BONEAGE_REQUIRE_DATA") == "1":
+            pytest.fail(f"BONEAGE_REQUIRE_DATA=1 but the radiographs are not at {root}")
+        pytest.skip(f"real data set not found at {root} (set BONEAGE_DATA_DIR to run these tests)")
+    return root
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "data_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.data)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A real one-epoch training run at 71 px on the 40 fixture thumbnails (shared by tests)."""
+    from training import train
+
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    code = train.main(
+        [
+            "--csv",
+            str(THUMBNAILS_CSV),
+            "--run-dir",
+            str(run),
+            "--input-size",
+            "71",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--val-fraction",
+            "0.2",
+            "--cache-dir",
+            str(run.parent / "cache"),
+            "--workers",
+            "1",
+        ]
+    )
+    assert code == 0
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_run, tmp_path_factory) -> tuple[Path, dict]:
+    """The tiny run exported to ONNX (float16 storage) with its export report."""
+    from export.convert import export_run
+
+    out = tmp_path_factory.mktemp("models") / "tiny.onnx"
+    report = export_run(
+        tiny_run,
+        out,
+        sorted(THUMBNAILS.glob("*.png"))[:16],
+        storage="float16",
+        model_version="test-1",
+        timing_repeats=1,
+    )
+    return out, report
+
+
+BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "models" / "boneage.onnx"
+
+
+@pytest.fixture(scope="session")
+def bundled_model() -> Path:
+    assert BUNDLED_MODEL.is_file(), f"the bundled model is missing at {BUNDLED_MODEL}"
+    return BUNDLED_MODEL
+
+
+@pytest.fixture
+def make_client(bundled_model):
+    """Build the app with settings overrides and enter its lifespan (model loaded and warmed up)."""
+    from fastapi.testclient import TestClient
+
+    from app.config import Settings
+    from app.main import create_app
+
+    clients = []
+
+    def make(**overrides) -> TestClient:
+        settings = Settings(model_path=bundled_model, max_batch_size=4, **overrides)
+        client = TestClient(create_app(settings), raise_server_exceptions=False)
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client):
+    return make_client()

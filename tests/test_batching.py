@@ -1,0 +1,107 @@
+"""The batcher: concurrent requests share one model call; failures, overload and deadlines are contained."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from app.batching import Batcher, BatchFailed, Overloaded
+
+pytestmark = pytest.mark.anyio  # anyio (a FastAPI dependency) runs the async tests on asyncio
+
+
+class GatedModel:
+    """Records batch sizes; the first call blocks until released, so requests pile up behind it."""
+
+    def __init__(self, fail_on: int | None = None):
+        self.calls: list[int] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.fail_on = fail_on
+
+    def __call__(self, images: np.ndarray, sex: np.ndarray) -> np.ndarray:
+        self.calls.append(len(images))
+        self.entered.set()
+        self.release.wait(5)
+        if self.fail_on == len(self.calls):
+            raise RuntimeError("simulated failure")
+        return images.reshape(len(images), -1)[:, 0] + sex[:, 0] * 1000  # Each caller's own value.
+
+
+def image(value: float) -> np.ndarray:
+    return np.full((4, 4, 3), value, np.float32)
+
+
+async def wait_for(event: threading.Event) -> None:
+    while not event.is_set():
+        await asyncio.sleep(0.001)
+
+
+async def test_concurrent_requests_share_one_call_and_each_gets_its_own_answer():
+    model = GatedModel()
+    batcher = Batcher(model, max_batch_size=16, max_wait_s=0.001)
+    batcher.start()
+    first = asyncio.create_task(batcher.submit(image(0), 0.0))
+    await wait_for(model.entered)
+    rest = [asyncio.create_task(batcher.submit(image(i), float(i % 2))) for i in range(1, 11)]
+    await asyncio.sleep(0.01)  # All ten are queued behind the running call.
+    model.release.set()
+    results = await asyncio.gather(first, *rest)
+    assert model.calls == [1, 10]
+    assert results == [0.0] + [i + 1000.0 * (i % 2) for i in range(1, 11)]
+    await batcher.stop()
+
+
+async def test_batches_never_exceed_the_maximum_size():
+    model = GatedModel()
+    model.release.set()
+    batcher = Batcher(model, max_batch_size=4, max_wait_s=0.05)
+    batcher.start()
+    results = await asyncio.gather(*(batcher.submit(image(i), 0.0) for i in range(10)))
+    assert results == [float(i) for i in range(10)]
+    assert max(model.calls) <= 4 and sum(model.calls) == 10 and len(model.calls) < 10
+    await batcher.stop()
+
+
+async def test_a_failing_batch_answers_its_callers_with_an_error_and_the_next_batch_works():
+    model = GatedModel(fail_on=1)
+    model.release.set()
+    batcher = Batcher(model, max_batch_size=8, max_wait_s=0.02)
+    batcher.start()
+    failed = await asyncio.gather(*(batcher.submit(image(i), 0.0) for i in range(3)), return_exceptions=True)
+    assert all(isinstance(r, BatchFailed) for r in failed)
+    assert await batcher.submit(image(7), 0.0) == 7.0
+    await batcher.stop()
+
+
+async def test_a_full_queue_refuses_instead_of_growing():
+    model = GatedModel()
+    batcher = Batcher(model, max_batch_size=1, max_wait_s=0, queue_size=2)
+    batcher.start()
+    running = asyncio.create_task(batcher.submit(image(1), 0.0))
+    await wait_for(model.entered)
+    queued = [asyncio.create_task(batcher.submit(image(i), 0.0)) for i in (2, 3)]
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded):
+        await batcher.submit(image(4), 0.0)
+    model.release.set()
+    assert await asyncio.gather(running, *queued) == [1.0, 2.0, 3.0]
+    await batcher.stop()
+
+
+async def test_a_request_past_its_deadline_times_out_and_is_not_run():
+    model = GatedModel()
+    batcher = Batcher(model, max_batch_size=1, max_wait_s=0)
+    batcher.start()
+    running = asyncio.create_task(batcher.submit(image(1), 0.0))
+    await wait_for(model.entered)
+    with pytest.raises(TimeoutError):
+        await batcher.submit(image(2), 0.0, timeout=0.05)
+    model.release.set()
+    assert await running == 1.0
+    assert await batcher.submit(image(3), 0.0) == 3.0
+    assert model.calls == [1, 1]  # The timed-out request was dropped, not computed.
+    await batcher.stop()

@@ -1,0 +1,92 @@
+"""Preprocessing: shape and range contracts, border removal, one path for training and serving."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from radiograph import EmptyImage, PreprocessSpec, decode_file, load_model_input, preprocess
+from radiograph.preprocess import crop_uniform_borders, make_square, robust_normalize
+from tests.conftest import HALFRES_PNG, HOSPITAL_JPEG, SMALL_DICOM, THUMBNAILS
+from training import data
+
+
+@pytest.mark.parametrize("path", [HALFRES_PNG, HOSPITAL_JPEG, SMALL_DICOM])
+@pytest.mark.parametrize("size", [71, 100, 299])
+def test_every_format_becomes_a_square_three_channel_tensor_in_minus_one_to_one(path, size):
+    x = preprocess(decode_file(path).pixels, PreprocessSpec(input_size=size))
+    assert x.shape == (size, size, 3) and x.dtype == np.float32
+    assert -1.0 <= x.min() < x.max() <= 1.0
+    assert np.array_equal(x[..., 0], x[..., 2])  # grey replicated to 3 channels
+
+
+def test_robust_normalisation_ignores_a_few_extreme_pixels():
+    rng = np.random.default_rng(0)
+    image = rng.uniform(100, 200, size=(200, 200)).astype(np.float32)
+    image[0, :5] = 10_000  # a burned-in label or hot pixel
+    out = robust_normalize(image, 0.5, 99.5)
+    assert out.min() == 0.0 and out.max() == 1.0
+    assert np.median(out) == pytest.approx(0.5, abs=0.05)  # contrast not squashed by the outlier
+
+
+def test_black_padding_is_removed():
+    hand = robust_normalize(decode_file(HALFRES_PNG).pixels, 0.5, 99.5)
+    h, w = hand.shape
+    padded = np.zeros((h + 300, w + 500), np.float32)
+    padded[100 : 100 + h, 400 : 400 + w] = hand
+    cropped = crop_uniform_borders(padded, 0.02)
+    assert cropped.shape[0] <= h and cropped.shape[1] <= w
+    assert cropped.shape[0] > 0.9 * h and cropped.shape[1] > 0.9 * w
+
+
+def test_hospital_jpeg_margins_are_cropped():
+    image = robust_normalize(decode_file(HOSPITAL_JPEG).pixels, 0.5, 99.5)
+    cropped = crop_uniform_borders(image, 0.02)
+    assert cropped.shape[1] < 0.5 * image.shape[1]  # the wide black side margins are gone
+
+
+def test_pad_mode_keeps_aspect_ratio_with_black_bars():
+    image = np.ones((50, 100), np.float32)
+    square = make_square(image, "pad")
+    assert square.shape == (100, 100)
+    assert square[:25].max() == 0 and square[25:75].min() == 1 and square[75:].max() == 0
+    assert make_square(image, "stretch") is image
+
+
+def test_a_blank_image_is_refused_as_unusable():
+    with pytest.raises(EmptyImage, match="blank"):
+        preprocess(np.full((300, 200), 0.3, np.float32), PreprocessSpec())
+    noisy_border_only = np.zeros((300, 300), np.float32)
+    noisy_border_only[0, :] = 1
+    with pytest.raises(EmptyImage):
+        preprocess(noisy_border_only, PreprocessSpec())
+
+
+def test_training_and_serving_give_bit_for_bit_the_same_tensor(tmp_path):
+    spec = PreprocessSpec(input_size=71, square="pad")
+    paths = [*sorted(THUMBNAILS.glob("*.png"))[:4], HALFRES_PNG]
+    # Training: parallel worker processes, through the on-disk cache (second call reads it).
+    trained = data.load_images(paths * 20, spec, cache_dir=tmp_path, workers=2)
+    cached = data.load_images(paths * 20, spec, cache_dir=tmp_path, workers=2)
+    # Serving: the uploaded bytes.
+    served = np.stack([load_model_input(p.read_bytes(), spec)[0] for p in paths])
+    assert np.array_equal(trained[: len(paths)], served)
+    assert np.array_equal(cached, trained)
+
+
+def test_spec_round_trips_and_invalid_specs_are_refused():
+    spec = PreprocessSpec(input_size=299, square="pad")
+    assert PreprocessSpec.from_json(spec.to_json()) == spec
+    with pytest.raises(ValueError, match="input_size"):
+        PreprocessSpec.from_json('{"input_size": 12}')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        PreprocessSpec.from_json("{nope")
+    with pytest.raises(ValueError, match="unknown_step: Extra inputs"):
+        PreprocessSpec.from_json('{"unknown_step": true}')
+
+
+def test_realistic_images_all_preprocess(data_dir):
+    spec = PreprocessSpec(input_size=100)
+    for path in sorted((data_dir / "unlabelled").rglob("*.*")) + sorted((data_dir / "rsna-fullres").rglob("*.png")):
+        x = preprocess(decode_file(path).pixels, spec)
+        assert np.isfinite(x).all() and x.std() > 0.05, path

@@ -1,0 +1,71 @@
+"""The project's promises about itself: README commands, CI, Docker and settings stay in step."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from app.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def readme_commands() -> list[str]:
+    return re.findall(r"```bash\n(.+?)\n```", README)
+
+
+def test_readme_starts_with_the_run_and_test_commands():
+    run, test = readme_commands()[:2]
+    assert "uvicorn app.main:app" in run and "pytest" in test
+    assert README.index(run) < 400  # First thing a reader sees.
+
+
+def test_ci_runs_the_readme_test_command():
+    assert readme_commands()[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_docker_image_installs_what_the_readme_installs():
+    run = readme_commands()[0]
+    extras = re.search(r"pip install -e '\.\[(\w+)\]'", run).group(1)
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert f"ARG EXTRAS={extras}" in dockerfile and 'pip install -e ".[${EXTRAS}]"' in dockerfile
+    assert '"uvicorn", "app.main:app"' in dockerfile
+
+
+def test_compose_file_is_valid_against_the_compose_specification():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "check_jsonschema",
+            "--builtin-schema",
+            "vendor.compose-spec",
+            str(ROOT / "docker-compose.yml"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_serves_port_8000_checks_readyz_and_has_a_gpu_profile():
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    cpu, gpu = services["boneage"], services["boneage-gpu"]
+    assert "8000:8000" in cpu["ports"] and "/readyz" in " ".join(cpu["healthcheck"]["test"])
+    assert "profiles" not in cpu and gpu["profiles"] == ["gpu"]
+    assert gpu["environment"]["BONEAGE_PROVIDERS"] == "cuda"
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+
+
+def test_every_setting_is_documented_in_the_readme():
+    for name in Settings.model_fields:
+        assert f"`BONEAGE_{name.upper()}`" in README, name
+
+
+def test_the_rsna_attribution_is_in_the_readme():
+    assert "Halabi SS" in README and "Radiology" in README

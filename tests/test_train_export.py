@@ -1,0 +1,130 @@
+"""Training writes a usable run; export turns it into a self-describing, parity-checked ONNX file."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from export.__main__ import main as export_cli
+from export.modelfile import SPEC_KEY, ModelFileError, open_session
+from radiograph import PreprocessSpec
+from tests.conftest import HALFRES_PNG, SMALL_DICOM, THUMBNAILS_CSV
+from training import train
+
+
+def test_one_epoch_at_71px_writes_checkpoints_history_plot_config_and_spec(tiny_run):
+    for name in (
+        "best.keras",
+        "last.keras",
+        "history.csv",
+        "loss.png",
+        "config.json",
+        "preprocessing.json",
+        "data.json",
+        "metrics.json",
+        "validation/scatter.png",
+        "validation/bland_altman.png",
+    ):
+        assert (tiny_run / name).is_file(), name
+    assert PreprocessSpec.load(tiny_run / "preprocessing.json").input_size == 71
+    history = list(csv.DictReader((tiny_run / "history.csv").open()))
+    assert len(history) == 1 and {"loss", "mae", "val_loss", "val_mae"} <= set(history[0])
+    assert (tiny_run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    counts = json.loads((tiny_run / "data.json").read_text())
+    assert counts["train_count"] + counts["validation_count"] == 40 and counts["validation_count"] >= 4
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "resumed"
+    shutil.copytree(tiny_run, run)
+    assert (
+        train.main(
+            [
+                "--run-dir",
+                str(run),
+                "--resume",
+                "--epochs",
+                "2",
+                "--workers",
+                "1",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 0
+    )
+    assert [r["epoch"] for r in csv.DictReader((run / "history.csv").open())] == ["0", "1"]
+
+
+def test_a_used_run_folder_is_not_overwritten(tiny_run):
+    with pytest.raises(SystemExit, match="not empty"):
+        train.main(["--csv", str(THUMBNAILS_CSV), "--run-dir", str(tiny_run)])
+
+
+def test_export_round_trips_with_parity_and_metadata(tiny_run, tiny_onnx):
+    path, report = tiny_onnx
+    assert report["storage"]["float32"]["max_abs_diff_months"] <= 0.05
+    assert report["storage"]["float16"]["max_abs_diff_months"] <= 0.5
+    assert report["storage"]["float16"]["size_mb"] < 0.55 * report["storage"]["float32"]["size_mb"]
+    session, model = open_session(path)
+    assert [i.name for i in session.get_inputs()] == ["image", "sex"]
+    assert session.get_inputs()[0].shape[0] not in (1, None) or isinstance(session.get_inputs()[0].shape[0], str)
+    assert model.spec == PreprocessSpec.load(tiny_run / "preprocessing.json")
+    assert model.metadata["training_data"] == json.loads((tiny_run / "data.json").read_text())
+    assert model.metadata["validation_metrics"] == json.loads((tiny_run / "metrics.json").read_text())
+    assert model.metadata["model_version"] == "test-1"
+    assert set(model.metadata["versions"]) >= {"keras", "tensorflow", "tf2onnx"}
+    batch = np.zeros((5, 71, 71, 3), np.float32)
+    assert session.run(None, {"image": batch, "sex": np.ones((5, 1), np.float32)})[0].shape == (5, 1)
+
+
+def test_float16_storage_runs_a_float32_graph_on_the_cpu(tiny_onnx, tmp_path):
+    path, _ = tiny_onnx
+    stored = onnx.load(path)
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in stored.graph.initializer)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(tmp_path / "optimized.onnx")
+    assert not any(n.op_type == "Cast" for n in optimized.graph.node)  # folded at load time
+    assert not any(i.data_type == onnx.TensorProto.FLOAT16 for i in optimized.graph.initializer)
+
+
+def test_a_truncated_model_file_is_refused(tiny_onnx, tmp_path):
+    data = tiny_onnx[0].read_bytes()
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ModelFileError, match=r"broken\.onnx: not a readable ONNX model"):
+        open_session(broken)
+
+
+def test_an_onnx_file_without_our_metadata_is_refused(tiny_onnx, tmp_path):
+    foreign = onnx.load(tiny_onnx[0])
+    del foreign.metadata_props[:]
+    path = tmp_path / "foreign.onnx"
+    onnx.save(foreign, path)
+    with pytest.raises(ModelFileError, match=rf"foreign\.onnx: ONNX model has no '{SPEC_KEY}' metadata"):
+        open_session(path)
+    onnx.helper.set_model_props(foreign, {SPEC_KEY: '{"input_size": 3}'})
+    onnx.save(foreign, path)
+    with pytest.raises(ModelFileError, match="spec is invalid"):
+        open_session(path)
+
+
+def test_verify_prints_metadata_and_checks_the_output(tiny_onnx, tmp_path, capsys):
+    assert export_cli(["verify", str(tiny_onnx[0]), "--image", str(SMALL_DICOM)]) == 0
+    out = capsys.readouterr().out
+    assert '"model_version": "test-1"' in out and "(female): bone age" in out
+    assert export_cli(["verify", str(tiny_onnx[0]), "--image", str(HALFRES_PNG), "--sex", "male"]) == 0
+    (tmp_path / "junk.onnx").write_bytes(b"not a model at all")
+    assert export_cli(["verify", str(tmp_path / "junk.onnx")]) == 2
+    assert "invalid model file" in capsys.readouterr().err
+    (tmp_path / "text.png").write_text("hello")
+    assert export_cli(["verify", str(tiny_onnx[0]), "--image", str(tmp_path / "text.png")]) == 2

@@ -1,0 +1,173 @@
+"""Against a real uvicorn process on loopback: batching, overload, logs, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import HALFRES_PNG, SMALL_DICOM, THUMBNAILS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_service(tmp_path: Path, **env: str) -> Iterator[tuple[str, Path, subprocess.Popen]]:
+    """Start ``uvicorn app.main:app`` with BONEAGE_* settings; yield (base URL, log file, process)."""
+    port = free_port()
+    log = tmp_path / f"uvicorn-{port}.log"
+    settings = {f"BONEAGE_{k.upper()}": str(v) for k, v in env.items()}
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT,
+            env={**os.environ, **settings},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"service exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"service not ready in 60 s:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield url, log, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+async def post_many(url: str, uploads: list[tuple[Path, str]], **headers) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        return await asyncio.gather(
+            *(
+                client.post("/v1/bone-age", files={"image": (p.name, p.read_bytes())}, data={"sex": sex})
+                for p, sex in uploads
+            )
+        )
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_start_up_logs_the_execution_provider_and_serves(tmp_path, bundled_model):
+    with running_service(tmp_path, model_path=bundled_model) as (url, log, _):
+        assert httpx.get(url + "/healthz").json()["status"] == "ok"
+        text = log.read_text()
+        assert "execution providers: CPUExecutionProvider" in text
+        assert "ready: warmed up batch sizes 1–16" in text
+
+
+def test_concurrent_requests_are_batched_and_each_caller_gets_its_own_answer(tmp_path, bundled_model):
+    images = sorted(THUMBNAILS.glob("*.png"))[:12]
+    uploads = [(p, "male" if i % 2 else "female") for i, p in enumerate(images)]
+    with running_service(tmp_path, model_path=bundled_model, max_wait_ms=50, max_batch_size=16) as (url, _, _):
+        alone = [asyncio.run(post_many(url, [u]))[0].json()["bone_age_months"] for u in uploads]
+        before = httpx.get(url + "/metrics").text
+        responses = asyncio.run(post_many(url, uploads))
+        after = httpx.get(url + "/metrics").text
+    assert all(r.status_code == 200 for r in responses)
+    batches = metric(after, "boneage_batch_size_count") - metric(before, "boneage_batch_size_count")
+    images_run = metric(after, "boneage_batch_size_sum") - metric(before, "boneage_batch_size_sum")
+    assert images_run == 12 and batches < 12, (batches, images_run)
+    # Each caller gets the answer its own image gets alone (batched float sums may move the last digit).
+    for response, single, (_, sex) in zip(responses, alone, uploads, strict=True):
+        assert response.json()["sex"] == sex
+        assert response.json()["bone_age_months"] == pytest.approx(single, abs=0.11)
+
+
+def test_overload_answers_503_with_retry_after_and_the_service_recovers(tmp_path, bundled_model):
+    uploads = [(HALFRES_PNG, "female")] * 40
+    with running_service(tmp_path, model_path=bundled_model, queue_size=2, max_batch_size=1, preprocess_workers=4) as (
+        url,
+        _,
+        _,
+    ):
+        responses = asyncio.run(post_many(url, uploads))
+        statuses = [r.status_code for r in responses]
+        assert set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses, statuses
+        for r in responses:
+            if r.status_code == 503:
+                assert r.headers["retry-after"] == "1"
+                assert r.headers["content-type"] == "application/problem+json"
+        assert httpx.get(url + "/readyz").status_code == 200
+        again = asyncio.run(post_many(url, uploads[:1]))
+        assert again[0].status_code == 200
+
+
+def test_logs_carry_request_facts_but_no_patient_data(tmp_path, bundled_model):
+    import pydicom
+
+    ds = pydicom.dcmread(SMALL_DICOM)
+    with running_service(tmp_path, model_path=bundled_model) as (url, log, _):
+        r = httpx.post(url + "/v1/bone-age", files={"image": ("hand.dcm", SMALL_DICOM.read_bytes())})
+        assert r.status_code == 200
+    text = log.read_text()
+    assert f"request_id={r.json()['request_id']}" in text and "status=200" in text
+    for tag in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientAge",
+        "PatientSex",
+        "InstitutionName",
+        "StudyDate",
+    ):
+        value = str(ds.get(tag, "") or "")
+        if len(value) >= 3:
+            assert value not in text, tag
+        assert tag not in text
+
+
+def test_sigterm_lets_in_flight_requests_finish(tmp_path, bundled_model):
+    with running_service(tmp_path, model_path=bundled_model, max_wait_ms=300) as (url, log, proc):
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                pending = [
+                    asyncio.create_task(
+                        client.post(
+                            "/v1/bone-age", files={"image": ("h.png", HALFRES_PNG.read_bytes())}, data={"sex": "male"}
+                        )
+                    )
+                    for _ in range(4)
+                ]
+                await asyncio.sleep(0.15)  # Requests are now waiting for their batch.
+                proc.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*pending)
+
+        responses = asyncio.run(scenario())
+        assert [r.status_code for r in responses] == [200] * 4
+        # uvicorn re-raises SIGTERM after its graceful shutdown, so the exit is by that signal.
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+    text = log.read_text()
+    assert "stopped" in text and "Finished server process" in text
