@@ -19,7 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.formparsers import MultiPartParser
 
 from app import problems
-from app.api import bone_age, service
+from app.api import bone_age, model, service
 from app.api.deps import require_api_key
 from app.batching import Batcher
 from app.config import Settings, get_settings
@@ -105,7 +105,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"]
         )
-    app.include_router(bone_age.router, dependencies=[Depends(require_api_key)])
+    # The API key (and its OpenAPI security scheme) exists only when one is configured.
+    protected = [Depends(require_api_key)] if settings.api_key else []
+    app.include_router(bone_age.router, dependencies=protected)
+    app.include_router(model.router, dependencies=protected)
     app.include_router(service.router)
     app.mount("/static", StaticFiles(directory=SWAGGER_ASSETS), name="static")
 

@@ -26,6 +26,12 @@ class EmptyImage(ImageError):
     title = "Empty image"
 
 
+class ImplausibleImage(ImageError):
+    """Decodable, but cannot be a hand radiograph (e.g. a thin strip)."""
+
+    title = "Not a hand radiograph"
+
+
 class TruncatedImage(ImageError):
     """The file starts like an image but its data is cut short or corrupt."""
 

@@ -20,11 +20,14 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from radiograph.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode
-from radiograph.errors import EmptyImage
+from radiograph.errors import EmptyImage, ImplausibleImage
 
 #: Percentiles are estimated on at most this many pixels (a strided grid), which keeps
 #: a 5-megapixel radiograph cheap while staying deterministic.
 _PERCENTILE_SAMPLE = 250_000
+#: Hand radiographs are roughly 1:1 to 1:2 once borders are cropped; a thinner strip cannot
+#: show a hand, and squeezing it into a square would produce a confident answer from noise.
+MAX_ASPECT_RATIO = 6.0
 
 
 class PreprocessSpec(BaseModel):
@@ -122,6 +125,11 @@ def preprocess(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     image = robust_normalize(pixels, spec.low_percentile, spec.high_percentile)
     if spec.crop_borders:
         image = crop_uniform_borders(image, spec.border_tolerance)
+    h, w = image.shape
+    if max(h, w) > MAX_ASPECT_RATIO * min(h, w):
+        raise ImplausibleImage(
+            f"The picture is {w}×{h} pixels (aspect ratio over {MAX_ASPECT_RATIO:g}:1): not a hand radiograph."
+        )
     image = make_square(image, spec.square)
     image = np.clip(resize(image, spec.input_size), 0.0, 1.0)
     scaled = image * np.float32(2.0) - np.float32(1.0)  # Xception: [0, 1] → [-1, 1]

@@ -128,3 +128,13 @@ def test_verify_prints_metadata_and_checks_the_output(tiny_onnx, tmp_path, capsy
     assert "invalid model file" in capsys.readouterr().err
     (tmp_path / "text.png").write_text("hello")
     assert export_cli(["verify", str(tiny_onnx[0]), "--image", str(tmp_path / "text.png")]) == 2
+
+
+def test_evaluate_cli_reports_on_a_labelled_set(tiny_run, tmp_path, capsys):
+    from training.evaluate import main as evaluate
+
+    out = tmp_path / "eval"
+    assert evaluate(["--model", str(tiny_run / "best.keras"), "--csv", str(THUMBNAILS_CSV), "--out", str(out)]) == 0
+    assert "n=40  MAE=" in capsys.readouterr().out
+    for name in ("metrics.json", "predictions.csv", "scatter.png", "bland_altman.png"):
+        assert (out / name).is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -171,3 +172,14 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path, bundled_model):
         assert proc.wait(30) in (0, -signal.SIGTERM)
     text = log.read_text()
     assert "stopped" in text and "Finished server process" in text
+
+
+def test_evaluation_through_the_running_service_writes_the_report(tmp_path, bundled_model):
+    from tests.conftest import THUMBNAILS_CSV
+    from training.evaluate import main as evaluate
+
+    with running_service(tmp_path, model_path=bundled_model) as (url, _, _):
+        assert evaluate(["--service", url, "--csv", str(THUMBNAILS_CSV), "--out", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["n"] == 40 and metrics["mae"] > 0
+    assert len((tmp_path / "eval" / "predictions.csv").read_text().splitlines()) == 41

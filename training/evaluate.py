@@ -2,6 +2,8 @@
 
     python -m training.evaluate --model runs/NAME/best.keras \\
         --csv ../shared/data/rsna-halfres/labels.csv --out runs/NAME/eval-halfres
+    python -m training.evaluate --service http://127.0.0.1:8000 \\
+        --csv ../shared/data/rsna-halfres/labels.csv --out docs/evaluation
 
 Writes ``metrics.json`` (MAE overall, by sex and by age band, RMSE, mean bias, share
 within 12 months), ``predictions.csv`` (one row per image), ``scatter.png`` and
@@ -124,30 +126,59 @@ def predict_keras(model, images: np.ndarray, sex: np.ndarray, batch_size: int = 
     return np.asarray(model.predict({"image": images, "sex": sex}, batch_size=batch_size, verbose=0)).reshape(-1)
 
 
+def predict_service(url: str, paths: Sequence[Path], male: np.ndarray, api_key: str | None = None) -> np.ndarray:
+    """Bone age for each image as the running service answers it (the path a user's upload takes)."""
+    import httpx
+
+    headers = {"X-API-Key": api_key} if api_key else {}
+    out = []
+    with httpx.Client(base_url=url, timeout=120, headers=headers) as client:
+        for path, is_male in zip(paths, male, strict=True):
+            response = client.post(
+                "/v1/bone-age",
+                files={"image": (path.name, path.read_bytes())},
+                data={"sex": "male" if is_male else "female"},
+            )
+            if response.status_code != 200:
+                raise RuntimeError(f"{path.name}: service answered {response.status_code}: {response.text}")
+            out.append(response.json()["bone_age_months"])
+    return np.array(out, dtype=np.float64)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from radiograph import PreprocessSpec
     from training import data
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, required=True, help="a .keras file from a training run")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=Path, help="a .keras file from a training run")
+    source.add_argument("--service", help="URL of a running service, e.g. http://127.0.0.1:8000")
     parser.add_argument("--csv", type=Path, required=True, help="labels in any RSNA layout")
     parser.add_argument("--images", type=Path, help="image folder (default: beside the CSV)")
     parser.add_argument("--spec", type=Path, help="preprocessing.json (default: beside the model)")
     parser.add_argument("--out", type=Path, help="report folder (default: <model dir>/eval-<csv dir>)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--api-key", help="X-API-Key for a service that requires one")
     args = parser.parse_args(argv)
+    if args.service and not args.out:
+        parser.error("--out is required with --service")
 
-    import keras
-
-    spec = PreprocessSpec.load(args.spec or args.model.parent / "preprocessing.json")
     samples = data.read_labels(args.csv)
     paths = data.image_paths(samples, args.images or data.default_image_dir(args.csv))
-    images = data.load_images(paths, spec)
     sex, age = data.arrays(samples)
-    model = keras.models.load_model(args.model)
-    pred = predict_keras(model, images, sex, args.batch_size)
+    male = sex[:, 0] > 0.5
+    if args.service:
+        pred = predict_service(args.service, paths, male, args.api_key)
+        title = f"{args.csv.parent.name} via service"
+    else:
+        import keras
+
+        spec = PreprocessSpec.load(args.spec or args.model.parent / "preprocessing.json")
+        images = data.load_images(paths, spec)
+        pred = predict_keras(keras.models.load_model(args.model), images, sex, args.batch_size)
+        title = args.csv.parent.name
     out = args.out or args.model.parent / f"eval-{args.csv.parent.name}"
-    metrics = write_report(out, [s.image_id for s in samples], age, pred, sex[:, 0] > 0.5, args.csv.parent.name)
+    metrics = write_report(out, [s.image_id for s in samples], age, pred, male, title)
     print(format_metrics(metrics))
     print(f"report: {out}")
     return 0

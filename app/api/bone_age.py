@@ -7,7 +7,7 @@ import base64
 import binascii
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from app import assessment
 from app.api.deps import RuntimeDep
@@ -18,6 +18,22 @@ from app.schemas import MAX_AGE_MONTHS, BoneAgeJsonRequest, BoneAgeResponse, Mod
 from radiograph import load_model_input
 
 router = APIRouter(prefix="/v1", tags=["bone age"])
+
+
+def content_type(expected: str):
+    """Dependency: answer 415 (not a confusing 422) when the body is not of the endpoint's type."""
+
+    def check(request: Request) -> None:
+        if not request.headers.get("content-type", "").lower().startswith(expected):
+            raise ProblemError(
+                415,
+                f"Send {expected}: multipart/form-data with an 'image' file to /v1/bone-age, "
+                "or application/json with a base64 'image' to /v1/bone-age/json.",
+                "Unsupported content type",
+            )
+
+    return Depends(check)
+
 
 ERRORS = {
     status: {"model": Problem, "content": {"application/problem+json": {}}, "description": text}
@@ -94,7 +110,9 @@ async def _assess(
     )
 
 
-@router.post("/bone-age", response_model=BoneAgeResponse, responses=ERRORS)
+@router.post(
+    "/bone-age", response_model=BoneAgeResponse, responses=ERRORS, dependencies=[content_type("multipart/form-data")]
+)
 async def bone_age(
     runtime: RuntimeDep,
     request: Request,
@@ -109,7 +127,9 @@ async def bone_age(
     return await _assess(runtime, request, data, sex, chronological_age_months)
 
 
-@router.post("/bone-age/json", response_model=BoneAgeResponse, responses=ERRORS)
+@router.post(
+    "/bone-age/json", response_model=BoneAgeResponse, responses=ERRORS, dependencies=[content_type("application/json")]
+)
 async def bone_age_json(runtime: RuntimeDep, request: Request, body: BoneAgeJsonRequest) -> BoneAgeResponse:
     """Bone age from a base64-encoded radiograph in a JSON body."""
     try:

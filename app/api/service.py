@@ -1,35 +1,14 @@
-"""Model information, liveness, readiness and Prometheus metrics."""
+"""Liveness, readiness and Prometheus metrics: the operator's endpoints (never behind the API key)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.api.deps import RuntimeDep, require_api_key
-from app.schemas import BatchingInfo, Health, ModelInfo
+from app.schemas import Health
 
 router = APIRouter()
-
-
-@router.get("/v1/model", response_model=ModelInfo, tags=["model"], dependencies=[Depends(require_api_key)])
-async def model_info(runtime: RuntimeDep) -> ModelInfo:
-    """The served model: metadata from its file, input size, execution providers and batching."""
-    s, f = runtime.settings, runtime.model.file
-    return ModelInfo(
-        name=f.name,
-        version=f.version,
-        input_size=f.spec.input_size,
-        preprocessing=f.spec.model_dump(),
-        execution_providers=runtime.model.providers,
-        batching=BatchingInfo(
-            max_batch_size=s.max_batch_size,
-            max_wait_ms=s.max_wait_ms,
-            queue_size=s.queue_size,
-            request_timeout_s=s.request_timeout_s,
-        ),
-        metadata=f.metadata,
-    )
 
 
 @router.get("/healthz", response_model=Health, tags=["operations"])
