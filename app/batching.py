@@ -4,6 +4,10 @@ Shape taken from Ray Serve's batch queue: one future per request; a collector th
 at most ``max_batch_size`` items or whatever arrived within ``max_wait`` of the first; one
 model call off the event loop; results (or the batch's exception) fanned out to every
 caller. Timestamps use ``time.monotonic()``.
+
+One refinement: the collector waits for more items only while requests are known to be on
+their way (announced with :meth:`Batcher.expect` before their decode and preprocessing).
+A lone request therefore runs at once, and ``max_wait`` is only spent when it can pay off.
 """
 
 from __future__ import annotations
@@ -37,6 +41,26 @@ class _Item:
     enqueued: float = field(default_factory=time.monotonic)
 
 
+class Expected:
+    """A request announced to the batcher; it stops counting when it submits or gives up."""
+
+    def __init__(self, batcher: Batcher):
+        self.batcher = batcher
+        self.pending = True
+        batcher.incoming += 1
+
+    def arrived(self) -> None:
+        if self.pending:
+            self.pending = False
+            self.batcher.incoming -= 1
+
+    def __enter__(self) -> Expected:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.arrived()  # Failed in preprocessing or validation: no longer on its way.
+
+
 class Batcher:
     """``await batcher.submit(image, sex)`` → months, batched with whoever else is waiting."""
 
@@ -54,6 +78,7 @@ class Batcher:
         self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=queue_size)
         self.on_batch = on_batch  # (batch size, queue waits in s, model seconds) → metrics
         self.batches_run = 0
+        self.incoming = 0  # Requests being decoded/preprocessed that will submit soon.
         self._task: asyncio.Task | None = None
         # One thread: model calls never overlap; ONNX Runtime parallelises inside each call.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="onnxruntime")
@@ -75,8 +100,16 @@ class Batcher:
                 await self._task
         self._executor.shutdown(wait=True)
 
-    async def submit(self, image: np.ndarray, sex: float, timeout: float | None = None) -> float:
+    def expect(self) -> Expected:
+        """Announce a request that will submit after its preprocessing (use as a context manager)."""
+        return Expected(self)
+
+    async def submit(
+        self, image: np.ndarray, sex: float, timeout: float | None = None, expected: Expected | None = None
+    ) -> float:
         """Queue one preprocessed image; raise Overloaded, TimeoutError or BatchFailed."""
+        if expected is not None:
+            expected.arrived()
         item = _Item(image, sex, asyncio.get_running_loop().create_future())
         try:
             self.queue.put_nowait(item)
@@ -94,12 +127,13 @@ class Batcher:
             except asyncio.QueueEmpty:
                 pass
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
+            if remaining <= 0 or self.incoming == 0:
+                break  # Out of time, or nobody else is on the way: run what we have.
             try:
-                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+                # Re-check every millisecond whether the announced requests are still coming.
+                batch.append(await asyncio.wait_for(self.queue.get(), min(remaining, 0.001)))
             except TimeoutError:
-                break
+                continue
         return [item for item in batch if not item.future.done()]  # Drop callers that timed out.
 
     async def _run(self) -> None:

@@ -105,3 +105,40 @@ async def test_a_request_past_its_deadline_times_out_and_is_not_run():
     assert await batcher.submit(image(3), 0.0) == 3.0
     assert model.calls == [1, 1]  # The timed-out request was dropped, not computed.
     await batcher.stop()
+
+
+async def test_a_lone_request_does_not_wait_for_the_batch_to_fill():
+    model = GatedModel()
+    model.release.set()
+    batcher = Batcher(model, max_batch_size=16, max_wait_s=30)  # A wait nobody should sit through.
+    batcher.start()
+    assert await asyncio.wait_for(batcher.submit(image(5), 0.0), timeout=5) == 5.0
+    await batcher.stop()
+
+
+async def test_the_batch_waits_for_requests_announced_as_on_their_way():
+    model = GatedModel()
+    model.release.set()
+    batcher = Batcher(model, max_batch_size=16, max_wait_s=30)
+    batcher.start()
+    with batcher.expect() as second_expected:
+        first = asyncio.create_task(batcher.submit(image(1), 0.0))
+        await asyncio.sleep(0.05)  # The collector holds the first item while the second is "preprocessing".
+        assert model.calls == []
+        second = asyncio.create_task(batcher.submit(image(2), 0.0, expected=second_expected))
+        assert await asyncio.gather(first, second) == [1.0, 2.0]
+    assert model.calls == [2] and batcher.incoming == 0
+    await batcher.stop()
+
+
+async def test_a_request_that_fails_before_submitting_stops_being_waited_for():
+    model = GatedModel()
+    model.release.set()
+    batcher = Batcher(model, max_batch_size=16, max_wait_s=30)
+    batcher.start()
+    with batcher.expect():
+        first = asyncio.create_task(batcher.submit(image(1), 0.0))
+        await asyncio.sleep(0.02)
+    # Leaving the block (e.g. a decode error) releases the wait: the first request runs alone.
+    assert await asyncio.wait_for(first, timeout=5) == 1.0
+    await batcher.stop()

@@ -15,7 +15,7 @@ from app.batching import BatchFailed, Overloaded
 from app.problems import ProblemError
 from app.runtime import Runtime
 from app.schemas import MAX_AGE_MONTHS, BoneAgeJsonRequest, BoneAgeResponse, ModelRef, Problem, SexIn, normalise_sex
-from radiograph import load_model_input
+from radiograph import DecodedImage, load_model_input
 
 router = APIRouter(prefix="/v1", tags=["bone age"])
 
@@ -49,19 +49,8 @@ ERRORS = {
 }
 
 
-async def _assess(
-    runtime: Runtime, request: Request, data: bytes, sex: str | None, age: float | None
-) -> BoneAgeResponse:
-    """Shared by both endpoints: decode + preprocess in the pool, batch, assess."""
-    settings = runtime.settings
-    if len(data) > settings.max_upload_bytes:
-        raise ProblemError(
-            413, f"The image is {len(data):,} bytes; the limit is {settings.max_upload_bytes:,}.", "Upload too large"
-        )
-    loop = asyncio.get_running_loop()
-    tensor, decoded = await loop.run_in_executor(
-        runtime.pool, load_model_input, data, runtime.model.spec, settings.max_pixels
-    )
+def _patient_facts(decoded: DecodedImage, sex: str | None, age: float | None):
+    """Sex and age from the request, else from the DICOM; notes say what was ignored and why."""
     notes = list(decoded.notes)
     requested = normalise_sex(sex)
     if requested:
@@ -82,16 +71,36 @@ async def _assess(
             age, age_source = decoded.age_months, "dicom"
         else:
             notes.append("The DICOM's patient age is outside 0–300 months and was not used.")
-    try:
-        months = await runtime.batcher.submit(tensor, 1.0 if used_sex == "male" else 0.0, settings.request_timeout_s)
-    except Overloaded:
+    return used_sex, sex_source, age, age_source, notes
+
+
+async def _assess(
+    runtime: Runtime, request: Request, data: bytes, sex: str | None, age: float | None
+) -> BoneAgeResponse:
+    """Shared by both endpoints: decode + preprocess in the pool, batch, assess."""
+    settings = runtime.settings
+    if len(data) > settings.max_upload_bytes:
         raise ProblemError(
-            503, "The service is at capacity; retry shortly.", "Overloaded", {"Retry-After": "1"}
-        ) from None
-    except TimeoutError:
-        raise ProblemError(504, f"No result within {settings.request_timeout_s:g} s.", "Timed out") from None
-    except BatchFailed:
-        raise ProblemError(500, "Inference failed for this request's batch; retry.", "Inference failed") from None
+            413, f"The image is {len(data):,} bytes; the limit is {settings.max_upload_bytes:,}.", "Upload too large"
+        )
+    with runtime.batcher.expect() as expected:
+        loop = asyncio.get_running_loop()
+        tensor, decoded = await loop.run_in_executor(
+            runtime.pool, load_model_input, data, runtime.model.spec, settings.max_pixels
+        )
+        used_sex, sex_source, age, age_source, notes = _patient_facts(decoded, sex, age)
+        try:
+            months = await runtime.batcher.submit(
+                tensor, 1.0 if used_sex == "male" else 0.0, settings.request_timeout_s, expected
+            )
+        except Overloaded:
+            raise ProblemError(
+                503, "The service is at capacity; retry shortly.", "Overloaded", {"Retry-After": "1"}
+            ) from None
+        except TimeoutError:
+            raise ProblemError(504, f"No result within {settings.request_timeout_s:g} s.", "Timed out") from None
+        except BatchFailed:
+            raise ProblemError(500, "Inference failed for this request's batch; retry.", "Inference failed") from None
     result = None
     if age is not None:
         a = assessment.assess(months, age, used_sex)
