@@ -138,3 +138,32 @@ def test_evaluate_cli_reports_on_a_labelled_set(tiny_run, tmp_path, capsys):
     assert "n=40  MAE=" in capsys.readouterr().out
     for name in ("metrics.json", "predictions.csv", "scatter.png", "bland_altman.png"):
         assert (out / name).is_file()
+
+
+def test_xception_weights_load_from_a_local_file(tmp_path):
+    """--weights PATH: how ImageNet weights are used where they cannot be downloaded at run time."""
+    import keras
+
+    from training.model import build_model
+
+    source = keras.applications.Xception(include_top=False, weights=None, input_shape=(71, 71, 3), pooling="avg")
+    path = tmp_path / "xception_notop.weights.h5"
+    source.save_weights(path)
+    model = build_model(71, weights=str(path))
+    conv = model.get_layer("block1_conv1")
+    np.testing.assert_array_equal(conv.get_weights()[0], source.get_layer("block1_conv1").get_weights()[0])
+
+
+def test_large_caches_are_streamed_from_disk_with_the_same_tensors(monkeypatch, tmp_path):
+    from training import data
+
+    spec = PreprocessSpec(input_size=71)
+    samples = data.read_labels(THUMBNAILS_CSV)[:10]
+    images = data.load_images(data.image_paths(samples, THUMBNAILS_CSV.with_suffix("")), spec, tmp_path)
+    assert isinstance(images, np.memmap)
+    sex, age = data.arrays(samples)
+    whole = next(iter(data.make_dataset(images, sex, age, 10, training=False)))
+    monkeypatch.setattr(data, "IN_MEMORY_BYTES", 0)
+    streamed = next(iter(data.make_dataset(images, sex, age, 10, training=False)))
+    np.testing.assert_array_equal(whole[0]["image"].numpy(), streamed[0]["image"].numpy())
+    np.testing.assert_array_equal(whole[1].numpy(), streamed[1].numpy())

@@ -153,7 +153,7 @@ def load_images(
         cache_dir.mkdir(parents=True, exist_ok=True)
         cache_file = cache_dir / f"inputs-{_cache_key(paths, spec)}.npy"
         if cache_file.is_file():
-            return np.load(cache_file)
+            return np.load(cache_file, mmap_mode="r")  # Large caches stay on disk, paged in per batch.
     workers = workers or os.cpu_count() or 1
     jobs = [(str(p), spec.to_json()) for p in paths]
     if workers > 1 and len(jobs) > 64:
@@ -166,6 +166,7 @@ def load_images(
         tmp = cache_file.with_suffix(".tmp.npy")
         np.save(tmp, images)
         tmp.replace(cache_file)
+        return np.load(cache_file, mmap_mode="r")
     return images
 
 
@@ -196,6 +197,11 @@ def augmentation(seed: int = 42):
     )
 
 
+#: Tensors up to this size are handed to TensorFlow whole; larger caches (299 px on the full
+#: release is ~13.5 GB) are gathered batch by batch from the memory-mapped cache instead.
+IN_MEMORY_BYTES = 2 * 1024**3
+
+
 def make_dataset(
     images: np.ndarray,
     sex: np.ndarray,
@@ -207,16 +213,31 @@ def make_dataset(
     """tf.data pipeline over the cached tensors: shuffle indices, gather, augment, prefetch."""
     import tensorflow as tf
 
-    x_img = tf.constant(images)
-    x_sex = tf.constant(sex)
-    y = tf.constant(age)
     ds = tf.data.Dataset.range(len(images))
     if training:
         ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size).map(
-        lambda idx: ({"image": tf.gather(x_img, idx), "sex": tf.gather(x_sex, idx)}, tf.gather(y, idx)),
-        num_parallel_calls=tf.data.AUTOTUNE,
-    )
+    ds = ds.batch(batch_size)
+    if images.nbytes <= IN_MEMORY_BYTES:
+        x_img, x_sex, y = tf.constant(np.asarray(images)), tf.constant(sex), tf.constant(age)
+        ds = ds.map(
+            lambda idx: ({"image": tf.gather(x_img, idx), "sex": tf.gather(x_sex, idx)}, tf.gather(y, idx)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    else:
+        shape = images.shape[1:]
+
+        def gather(idx):
+            order = np.sort(idx)  # Sorted reads are kinder to a memory-mapped file.
+            return np.ascontiguousarray(images[order]), sex[order], age[order]
+
+        def load(idx):
+            x, s, t = tf.numpy_function(gather, [idx], [tf.float32, tf.float32, tf.float32])
+            x.set_shape((None, *shape))
+            s.set_shape((None, 1))
+            t.set_shape((None,))
+            return {"image": x, "sex": s}, t
+
+        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
     if training:
         augment = augmentation(seed)
         ds = ds.map(
