@@ -19,6 +19,7 @@ import numpy as np
 from export.modelfile import INPUT_IMAGE, INPUT_SEX, OUTPUT, SPEC_KEY, encode_metadata, open_session
 from radiograph import PreprocessSpec
 from radiograph.preprocess import load_file
+from training.evaluate import predict_keras
 
 #: Largest allowed |Keras − ONNX| for float32 weights: conversion must be exact up to
 #: float32 round-off (observed ~1e-4 months).
@@ -101,10 +102,6 @@ def _session(proto):
 
 def predict_onnx(session, images: np.ndarray, sex: np.ndarray) -> np.ndarray:
     return session.run([OUTPUT], {INPUT_IMAGE: images, INPUT_SEX: sex})[0].reshape(-1)
-
-
-def predict_keras(model, images: np.ndarray, sex: np.ndarray) -> np.ndarray:
-    return np.asarray(model({INPUT_IMAGE: images, INPUT_SEX: sex}, training=False)).reshape(-1)
 
 
 def _median_ms(fn, repeats: int) -> float:

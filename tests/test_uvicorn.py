@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,53 +13,16 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench import server
 from tests.conftest import HALFRES_PNG, SMALL_DICOM, THUMBNAILS
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
-def running_service(tmp_path: Path, **env: str) -> Iterator[tuple[str, Path, subprocess.Popen]]:
-    """Start ``uvicorn app.main:app`` with BONEAGE_* settings; yield (base URL, log file, process)."""
-    port = free_port()
-    log = tmp_path / f"uvicorn-{port}.log"
-    settings = {f"BONEAGE_{k.upper()}": str(v) for k, v in env.items()}
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
-            env={**os.environ, **settings},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"service exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"service not ready in 60 s:\n{log.read_text()}")
-            time.sleep(0.2)
+def running_service(tmp_path: Path, **settings) -> Iterator[tuple[str, Path, subprocess.Popen]]:
+    """``uvicorn app.main:app`` with BONEAGE_* settings; yield (base URL, log file, process)."""
+    log = tmp_path / "uvicorn.log"
+    with server.running("app.main:app", log, server.service_env(**settings), timeout=60) as (url, proc):
         yield url, log, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 async def post_many(url: str, uploads: list[tuple[Path, str]], **headers) -> list[httpx.Response]:
