@@ -372,7 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench" + (" --quick" if args.quick else "")
     (args.out / "benchmarks.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     plot(args.out / "benchmarks.png", results["limit"], results["service"], results["per_request"])
-    (args.out / "benchmarks.md").write_text(report(results, command) + "\n")
+    # A "## Notes" section written by people (reading the numbers, choosing defaults) survives reruns.
+    target = args.out / "benchmarks.md"
+    notes = target.read_text().partition("\n## Notes\n")[2] if target.is_file() else ""
+    target.write_text(report(results, command) + "\n" + (f"\n## Notes\n{notes}" if notes else ""))
     r = results["ratios"]
     print(
         f"service/limit {r['service_vs_limit']:.2f}, service/per-request {r['service_vs_per_request']:.1f}x, "

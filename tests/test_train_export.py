@@ -44,6 +44,7 @@ def test_resume_continues_from_the_last_checkpoint(tiny_run, tmp_path):
 
     run = tmp_path / "resumed"
     shutil.copytree(tiny_run, run)
+    (run / "best.keras").write_bytes((tiny_run / "best.keras").read_bytes())
     assert (
         train.main(
             [
@@ -60,7 +61,11 @@ def test_resume_continues_from_the_last_checkpoint(tiny_run, tmp_path):
         )
         == 0
     )
-    assert [r["epoch"] for r in csv.DictReader((run / "history.csv").open())] == ["0", "1"]
+    rows = list(csv.DictReader((run / "history.csv").open()))
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    # best.keras is replaced only if the resumed epoch beat the best before the stop.
+    improved = float(rows[1]["val_loss"]) < float(rows[0]["val_loss"])
+    assert ((run / "best.keras").read_bytes() != (tiny_run / "best.keras").read_bytes()) == improved
 
 
 def test_a_used_run_folder_is_not_overwritten(tiny_run):

@@ -94,6 +94,13 @@ def plot_history(history_csv: Path, out: Path) -> None:
     plt.close(fig)
 
 
+def best_val_loss(run_dir: Path) -> float | None:
+    """Best validation loss so far, so a resumed run keeps best.keras unless it beats it."""
+    history = run_dir / "history.csv"
+    losses = [float(r["val_loss"]) for r in csv.DictReader(history.open())] if history.is_file() else []
+    return min(losses) if losses else None
+
+
 def completed_epochs(run_dir: Path) -> int:
     history = run_dir / "history.csv"
     return len(list(csv.DictReader(history.open()))) if history.is_file() else 0
@@ -181,7 +188,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             model.compile(optimizer=keras.optimizers.Adam(args.lr), loss="mse", metrics=["mae"])
 
     callbacks = [
-        keras.callbacks.ModelCheckpoint(run / "best.keras", monitor="val_loss", save_best_only=True),
+        keras.callbacks.ModelCheckpoint(
+            run / "best.keras",
+            monitor="val_loss",
+            save_best_only=True,
+            initial_value_threshold=best_val_loss(run) if args.resume else None,
+        ),
         keras.callbacks.ModelCheckpoint(run / "last.keras"),
         keras.callbacks.CSVLogger(run / "history.csv", append=args.resume),
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=args.patience, verbose=1),
