@@ -77,7 +77,6 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=queue_size)
         self.on_batch = on_batch  # (batch size, queue waits in s, model seconds) → metrics
-        self.batches_run = 0
         self.incoming = 0  # Requests being decoded/preprocessed that will submit soon.
         self._task: asyncio.Task | None = None
         # One thread: model calls never overlap; ONNX Runtime parallelises inside each call.
@@ -155,8 +154,6 @@ class Batcher:
                     if not item.future.done():
                         item.future.set_exception(BatchFailed(str(exc)))
                 continue
-            finally:
-                self.batches_run += 1
             if self.on_batch:
                 self.on_batch(len(batch), [started - i.enqueued for i in batch], time.monotonic() - started)
             for item, value in zip(batch, months, strict=True):

@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 
-from export.modelfile import INPUT_IMAGE, INPUT_SEX, OUTPUT, ModelFile, open_session
+from export.modelfile import INPUT_IMAGE, INPUT_SEX, OUTPUT, open_session
 
 log = logging.getLogger("boneage")
 
@@ -57,10 +57,6 @@ class Model:
     @property
     def spec(self):
         return self.file.spec
-
-    @property
-    def info(self) -> ModelFile:
-        return self.file
 
     def predict(self, images: np.ndarray, sex: np.ndarray) -> np.ndarray:
         """``(N, S, S, 3)`` float32 and ``(N, 1)`` float32 (male = 1) → ``(N,)`` months."""
