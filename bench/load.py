@@ -40,7 +40,8 @@ async def _closed_loop(
     result = LoadResult(concurrency, 0.0)
     cycle = itertools.cycle(uploads)
     sent = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # Expire idle connections before uvicorn's 5 s keep-alive does (no reuse of a closed connection).
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency, keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
         stop = time.monotonic() + duration
 
