@@ -26,7 +26,11 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(16, ge=1, le=256, description="Largest batch sent to ONNX Runtime.")
     max_wait_ms: float = Field(5.0, ge=0, le=1000, description="How long a batch waits to fill up.")
-    queue_size: int = Field(256, ge=1, description="Requests allowed to wait; beyond it: 503.")
+    queue_size: int = Field(
+        256,
+        ge=1,
+        description="Prediction requests held at once (uploading, preprocessing, queued, predicting); beyond it: 503.",
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="A request waiting longer answers 504.")
     max_upload_mb: float = Field(32.0, gt=0, description="Largest accepted upload; beyond it: 413.")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="Decompression-bomb guard.")

@@ -19,6 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.formparsers import MultiPartParser
 
 from app import problems
+from app.admission import REFUSED, Admission
 from app.api import bone_age, model, service
 from app.api.deps import require_api_key
 from app.batching import Batcher
@@ -111,6 +112,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(model.router, dependencies=protected)
     app.include_router(service.router)
     app.mount("/static", StaticFiles(directory=SWAGGER_ASSETS), name="static")
+    # Inside the logging middleware below, so refusals are logged and counted like any answer.
+    app.add_middleware(Admission, paths=bone_age.PREDICTION_PATHS, limit=settings.queue_size)
 
     @app.middleware("http")
     async def request_context(request: Request, call_next):
@@ -120,7 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         response = await call_next(request)
         seconds = time.perf_counter() - started
         route = request.scope.get("route")
-        endpoint = getattr(route, "path", "other")
+        endpoint = getattr(route, "path", None) or request.scope.get(REFUSED, "other")
         response.headers["X-Request-ID"] = request.state.request_id
         app.state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
         app.state.metrics.latency.labels(endpoint).observe(seconds)

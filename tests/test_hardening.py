@@ -278,12 +278,13 @@ async def _open_loop(url: str, uploads, rate: float, seconds: float, pid: int) -
     # request is never sent on a connection the server has just closed (a client-side race).
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=512, keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        forms = load.encoded(uploads)
 
         async def one(i: int) -> None:
             nonlocal retry_after_missing
-            name, data, sex = uploads[i % len(uploads)]
+            body, headers = forms[i % len(forms)]
             try:
-                r = await client.post("/v1/bone-age", files={"image": (name, data)}, data={"sex": sex})
+                r = await client.post("/v1/bone-age", content=body, headers=headers)
                 status = r.status_code
                 if status == 503 and "retry-after" not in r.headers:
                     retry_after_missing += 1
@@ -338,11 +339,9 @@ def test_overload_at_twice_capacity_for_a_minute(tmp_path, bundled_model):
     print("overload figures:", json.dumps(figures))
     answered = sum(result["statuses"].values())
     assert answered == result["sent"]  # Every request is accounted for...
-    # ...and every HTTP answer is of a documented kind. Connection-level failures (status 0,
-    # named in "failures") were seen at 1–2 in ~5,700 on this 2-core machine and are an open
-    # finding (docs/reliability.md); more than 0.1% fails the test.
-    assert set(result["statuses"]) - {0} <= {200, 503, 504}, result
-    assert result["statuses"].get(0, 0) <= 0.001 * result["sent"], result
+    # ...every one got an HTTP answer (status 0 would be a connection-level failure, named in
+    # "failures"), and every answer is of a documented kind.
+    assert set(result["statuses"]) <= {200, 503, 504}, result
     assert result["statuses"].get(503, 0) > 0 and result["retry_after_missing"] == 0
     assert result["statuses"].get(200, 0) > 0.5 * capacity * seconds  # It kept serving at capacity.
     last_third = result["rss_mb"][-max(1, len(result["rss_mb"]) // 3) :]

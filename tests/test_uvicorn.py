@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,6 +84,58 @@ def test_overload_answers_503_with_retry_after_and_the_service_recovers(tmp_path
         assert httpx.get(url + "/readyz").status_code == 200
         again = asyncio.run(post_many(url, uploads[:1]))
         assert again[0].status_code == 200
+
+
+def read_response(sock: socket.socket) -> tuple[str, dict]:
+    """One HTTP/1.1 response from a raw socket: (head, JSON body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(h for h in head.decode().split("\r\n") if h.lower().startswith("content-length:")).split(":")[1])
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head.decode(), json.loads(body)
+
+
+def test_when_full_a_request_is_refused_at_the_door_before_its_upload_is_read(tmp_path, bundled_model):
+    """A slow upload holds the only slot; the next request gets 503 at once, and both are counted."""
+    image = HALFRES_PNG.read_bytes()
+    boundary = "b0undary"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="sex"\r\n\r\nfemale\r\n'
+    head += f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="h.png"\r\n\r\n'
+    body = head.encode() + image + f"\r\n--{boundary}--\r\n".encode()
+    with running_service(tmp_path, model_path=bundled_model, queue_size=1) as (url, _, _):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as slow:
+            slow.sendall(
+                f"POST /v1/bone-age HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+                f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n".encode()
+                + body[:1000]
+            )
+            time.sleep(0.5)  # The slow upload is now inside the service, holding its one slot.
+            # The second request declares 20 MB but sends none of it: refused without reading it.
+            started = time.monotonic()
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as eager:
+                eager.sendall(
+                    b"POST /v1/bone-age/json HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 20000000\r\n\r\n"
+                )
+                refused, problem = read_response(eager)
+            assert time.monotonic() - started < 2
+            assert refused.startswith("HTTP/1.1 503") and "retry-after: 1" in refused.lower(), refused
+            assert "content-type: application/problem+json" in refused.lower()
+            assert problem["status"] == 503 and "at capacity" in problem["detail"]
+            assert f"x-request-id: {problem['request_id']}" in refused.lower()
+            slow.sendall(body[1000:])  # The slow client finishes and gets its answer.
+            answer, result = read_response(slow)
+            assert answer.startswith("HTTP/1.1 200") and result["sex"] == "female", answer
+        assert (
+            httpx.post(url + "/v1/bone-age", files={"image": ("h.png", image)}, data={"sex": "male"}).status_code == 200
+        )
+        text = httpx.get(url + "/metrics").text
+        assert metric(text, 'boneage_requests_total{endpoint="/v1/bone-age/json",status="503"}') == 1
+        assert metric(text, 'boneage_requests_total{endpoint="/v1/bone-age",status="200"}') == 2
 
 
 def test_logs_carry_request_facts_but_no_patient_data(tmp_path, bundled_model):

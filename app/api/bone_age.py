@@ -18,6 +18,7 @@ from app.schemas import MAX_AGE_MONTHS, BoneAgeJsonRequest, BoneAgeResponse, Mod
 from radiograph import DecodedImage, load_model_input
 
 router = APIRouter(prefix="/v1", tags=["bone age"])
+PREDICTION_PATHS = frozenset({"/v1/bone-age", "/v1/bone-age/json"})  # Admission control counts these.
 
 
 def content_type(expected: str):
