@@ -69,6 +69,12 @@ class LossPlot(keras.callbacks.Callback):
         plot_history(self.run_dir / "history.csv", self.run_dir / "loss.png")
 
 
+def _public_name(path: Path) -> str:
+    """A label file as its folder and name: data.json travels into the shipped model's metadata,
+    which should name the release, not the directories of whoever trained it."""
+    return f"{path.parent.name}/{path.name}"
+
+
 def plot_history(history_csv: Path, out: Path) -> None:
     """Training and validation loss (and MAE) per epoch as a PNG."""
     import matplotlib
@@ -164,10 +170,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             json.dumps(
                 {
                     "source": "RSNA Pediatric Bone Age Challenge 2017 (Halabi et al., Radiology 2019)",
-                    "labels": str(args.csv),
+                    "labels": _public_name(args.csv),
                     "train_count": len(train_s),
                     "validation_count": len(val_s),
-                    "validation_source": str(args.val_csv or f"{args.val_fraction:.0%} stratified split"),
+                    "validation_source": _public_name(args.val_csv)
+                    if args.val_csv
+                    else f"{args.val_fraction:.0%} stratified split",
                     "input_size": spec.input_size,
                     "boneage_months_range": [float(y_train.min()), float(y_train.max())],
                 },
