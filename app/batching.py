@@ -1,4 +1,4 @@
-"""Dynamic batching: concurrent requests wait in a bounded queue and share one session call.
+"""Dynamic batching: concurrent requests wait in a queue and share one session call.
 
 Shape taken from Ray Serve's batch queue: one future per request; a collector that takes
 at most ``max_batch_size`` items or whatever arrived within ``max_wait`` of the first; one
@@ -8,6 +8,10 @@ caller. Timestamps use ``time.monotonic()``.
 One refinement: the collector waits for more items only while requests are known to be on
 their way (announced with :meth:`Batcher.expect` before their decode and preprocessing).
 A lone request therefore runs at once, and ``max_wait`` is only spent when it can pay off.
+
+The queue itself has no bound: the service bounds every prediction request from its first
+byte (``app/admission.py``), which also bounds this queue, and refuses before the upload is
+read rather than after it has been decoded and preprocessed.
 """
 
 from __future__ import annotations
@@ -23,10 +27,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 log = logging.getLogger("boneage")
-
-
-class Overloaded(RuntimeError):
-    """The queue is full: the caller should retry later (503 + Retry-After)."""
 
 
 class BatchFailed(RuntimeError):
@@ -69,13 +69,12 @@ class Batcher:
         predict: Callable[[np.ndarray, np.ndarray], np.ndarray],
         max_batch_size: int = 16,
         max_wait_s: float = 0.005,
-        queue_size: int = 256,
         on_batch: Callable[[int, list[float], float], None] | None = None,
     ):
         self.predict = predict
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
-        self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=queue_size)
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         self.on_batch = on_batch  # (batch size, queue waits in s, model seconds) → metrics
         self.incoming = 0  # Requests being decoded/preprocessed that will submit soon.
         self._task: asyncio.Task | None = None
@@ -106,14 +105,11 @@ class Batcher:
     async def submit(
         self, image: np.ndarray, sex: float, timeout: float | None = None, expected: Expected | None = None
     ) -> float:
-        """Queue one preprocessed image; raise Overloaded, TimeoutError or BatchFailed."""
+        """Queue one preprocessed image; raise TimeoutError or BatchFailed."""
         if expected is not None:
             expected.arrived()
         item = _Item(image, sex, asyncio.get_running_loop().create_future())
-        try:
-            self.queue.put_nowait(item)
-        except asyncio.QueueFull:
-            raise Overloaded(f"{self.queue.maxsize} requests are already waiting") from None
+        self.queue.put_nowait(item)
         return await asyncio.wait_for(item.future, timeout)  # Cancels the future on timeout.
 
     async def _collect(self) -> list[_Item]:

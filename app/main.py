@@ -58,7 +58,6 @@ async def lifespan(app: FastAPI):
         model.predict,
         settings.max_batch_size,
         settings.max_wait_ms / 1000,
-        settings.queue_size,
         on_batch=metrics.observe_batch,
     )
     pool = ThreadPoolExecutor(settings.preprocess_workers or os.cpu_count() or 1, thread_name_prefix="preprocess")

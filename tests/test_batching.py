@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from app.batching import Batcher, BatchFailed, Overloaded
+from app.batching import Batcher, BatchFailed
 
 pytestmark = pytest.mark.anyio  # anyio (a FastAPI dependency) runs the async tests on asyncio
 
@@ -74,21 +74,6 @@ async def test_a_failing_batch_answers_its_callers_with_an_error_and_the_next_ba
     failed = await asyncio.gather(*(batcher.submit(image(i), 0.0) for i in range(3)), return_exceptions=True)
     assert all(isinstance(r, BatchFailed) for r in failed)
     assert await batcher.submit(image(7), 0.0) == 7.0
-    await batcher.stop()
-
-
-async def test_a_full_queue_refuses_instead_of_growing():
-    model = GatedModel()
-    batcher = Batcher(model, max_batch_size=1, max_wait_s=0, queue_size=2)
-    batcher.start()
-    running = asyncio.create_task(batcher.submit(image(1), 0.0))
-    await wait_for(model.entered)
-    queued = [asyncio.create_task(batcher.submit(image(i), 0.0)) for i in (2, 3)]
-    await asyncio.sleep(0)
-    with pytest.raises(Overloaded):
-        await batcher.submit(image(4), 0.0)
-    model.release.set()
-    assert await asyncio.gather(running, *queued) == [1.0, 2.0, 3.0]
     await batcher.stop()
 
 

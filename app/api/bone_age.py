@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from app import assessment
 from app.api.deps import RuntimeDep
-from app.batching import BatchFailed, Overloaded
+from app.batching import BatchFailed
 from app.problems import ProblemError
 from app.runtime import Runtime
 from app.schemas import MAX_AGE_MONTHS, BoneAgeJsonRequest, BoneAgeResponse, ModelRef, Problem, SexIn, normalise_sex
@@ -94,10 +94,6 @@ async def _assess(
             months = await runtime.batcher.submit(
                 tensor, 1.0 if used_sex == "male" else 0.0, settings.request_timeout_s, expected
             )
-        except Overloaded:
-            raise ProblemError(
-                503, "The service is at capacity; retry shortly.", "Overloaded", {"Retry-After": "1"}
-            ) from None
         except TimeoutError:
             raise ProblemError(504, f"No result within {settings.request_timeout_s:g} s.", "Timed out") from None
         except BatchFailed:
