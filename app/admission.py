@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 
+from prometheus_client import Counter, Gauge
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.problems import PROBLEM_JSON
@@ -24,12 +25,22 @@ REFUSED = "boneage.refused"  # Scope key: set on a refused request, read by the 
 
 
 class Admission:
-    def __init__(self, app: ASGIApp, paths: frozenset[str], limit: int, retry_after_s: int = 1) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        paths: frozenset[str],
+        limit: int,
+        in_flight: Gauge,
+        refused: Counter,
+        retry_after_s: int = 1,
+    ) -> None:
         self.app = app
         self.paths = paths
         self.limit = limit
         self.retry_after_s = retry_after_s
         self.in_flight = 0
+        self.in_flight_gauge = in_flight
+        self.refused = refused
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
@@ -37,13 +48,16 @@ class Admission:
             return
         if self.in_flight >= self.limit:
             scope[REFUSED] = scope["path"]
+            self.refused.inc()
             await self._refuse(scope, send)
             return
         self.in_flight += 1
+        self.in_flight_gauge.inc()
         try:
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
+            self.in_flight_gauge.dec()
 
     async def _refuse(self, scope: Scope, send: Send) -> None:
         state = scope.get("state") or {}

@@ -112,7 +112,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(service.router)
     app.mount("/static", StaticFiles(directory=SWAGGER_ASSETS), name="static")
     # Inside the logging middleware below, so refusals are logged and counted like any answer.
-    app.add_middleware(Admission, paths=bone_age.PREDICTION_PATHS, limit=settings.queue_size)
+    app.add_middleware(
+        Admission,
+        paths=bone_age.PREDICTION_PATHS,
+        limit=settings.queue_size,
+        in_flight=app.state.metrics.in_flight,
+        refused=app.state.metrics.refused,
+    )
 
     @app.middleware("http")
     async def request_context(request: Request, call_next):

@@ -26,6 +26,14 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=self.registry,
         )
+        self.in_flight = Gauge(
+            "boneage_in_flight",
+            "Prediction requests inside the service (uploading, preprocessing, queued, predicting)",
+            registry=self.registry,
+        )
+        self.refused = Counter(
+            "boneage_refused", "Prediction requests refused at the door (service full)", registry=self.registry
+        )
         self.queue_depth = Gauge("boneage_queue_depth", "Requests waiting for a batch", registry=self.registry)
         self.queue_wait = Histogram(
             "boneage_queue_wait_seconds",

@@ -37,9 +37,8 @@ def test_one_epoch_at_71px_writes_checkpoints_history_plot_config_and_spec(tiny_
     assert (tiny_run / "loss.png").read_bytes()[:4] == b"\x89PNG"
     counts = json.loads((tiny_run / "data.json").read_text())
     assert counts["train_count"] + counts["validation_count"] == 40 and counts["validation_count"] >= 4
-    assert (
-        counts["labels"] == "rsna-100px/boneage-training-dataset.csv"
-    )  # Goes into the model file: no local directories.
+    # data.json goes into the model file's metadata: the label file without local directories.
+    assert counts["labels"] == "rsna-100px/boneage-training-dataset.csv"
 
 
 def test_resume_continues_from_the_last_checkpoint(tiny_run, tmp_path):

@@ -113,7 +113,10 @@ def test_when_full_a_request_is_refused_at_the_door_before_its_upload_is_read(tm
                 f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n".encode()
                 + body[:1000]
             )
-            time.sleep(0.5)  # The slow upload is now inside the service, holding its one slot.
+            # Wait until the slow upload is inside the service, holding its one slot.
+            deadline = time.monotonic() + 10
+            while metric(httpx.get(url + "/metrics").text, "boneage_in_flight") < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
             # The second request declares 20 MB but sends none of it: refused without reading it.
             started = time.monotonic()
             with socket.create_connection(("127.0.0.1", port), timeout=5) as eager:
@@ -135,6 +138,7 @@ def test_when_full_a_request_is_refused_at_the_door_before_its_upload_is_read(tm
         )
         text = httpx.get(url + "/metrics").text
         assert metric(text, 'boneage_requests_total{endpoint="/v1/bone-age/json",status="503"}') == 1
+        assert metric(text, "boneage_refused_total") == 1 and metric(text, "boneage_in_flight") == 0
         assert metric(text, 'boneage_requests_total{endpoint="/v1/bone-age",status="200"}') == 2
 
 

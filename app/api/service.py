@@ -30,7 +30,7 @@ async def readyz(request: Request):
 
 @router.get("/metrics", tags=["operations"], response_class=Response)
 async def metrics(request: Request) -> Response:
-    """Prometheus metrics: requests by status, latency, batch sizes, queue depth and wait."""
+    """Prometheus metrics: requests by status, latency, in flight and refused, batch sizes, queue depth and wait."""
     m = request.app.state.metrics
     runtime = getattr(request.app.state, "runtime", None)
     m.queue_depth.set(runtime.batcher.depth if runtime else 0)
