@@ -111,13 +111,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(model.router, dependencies=protected)
     app.include_router(service.router)
     app.mount("/static", StaticFiles(directory=SWAGGER_ASSETS), name="static")
-    # Inside the logging middleware below, so refusals are logged and counted like any answer.
+    # Inside the logging middleware below, so refusals (503 when full, 401 without a valid key) are
+    # logged and counted like any answer.
     app.add_middleware(
         Admission,
         paths=bone_age.PREDICTION_PATHS,
         limit=settings.queue_size,
         in_flight=app.state.metrics.in_flight,
         refused=app.state.metrics.refused,
+        api_key=settings.api_key,
     )
 
     @app.middleware("http")

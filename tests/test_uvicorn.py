@@ -142,6 +142,32 @@ def test_when_full_a_request_is_refused_at_the_door_before_its_upload_is_read(tm
         assert metric(text, 'boneage_requests_total{endpoint="/v1/bone-age",status="200"}') == 2
 
 
+def test_with_an_api_key_a_request_without_it_is_refused_before_its_upload_is_read(tmp_path, bundled_model):
+    """Without a valid key a request never holds a slot: 401 at once, its declared 20 MB unread."""
+    with running_service(tmp_path, model_path=bundled_model, queue_size=1, api_key="s3cret") as (url, _, _):
+        port = int(url.rsplit(":", 1)[1])
+        for key in (b"", b"X-API-Key: wrong\r\n"):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(
+                    b"POST /v1/bone-age HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                    + key
+                    + b"Content-Length: 20000000\r\n\r\n"
+                )
+                head, problem = read_response(sock)
+            assert head.startswith("HTTP/1.1 401") and "www-authenticate: apikey" in head.lower(), head
+            assert problem["status"] == 401 and "X-API-Key" in problem["detail"]
+        ok = httpx.post(
+            url + "/v1/bone-age",
+            files={"image": ("h.png", HALFRES_PNG.read_bytes())},
+            data={"sex": "female"},
+            headers={"X-API-Key": "s3cret"},
+        )
+        assert ok.status_code == 200
+        text = httpx.get(url + "/metrics").text
+        assert metric(text, 'boneage_requests_total{endpoint="/v1/bone-age",status="401"}') == 2
+        assert metric(text, "boneage_in_flight") == 0 and metric(text, "boneage_refused_total") == 0
+
+
 def test_logs_carry_request_facts_but_no_patient_data(tmp_path, bundled_model):
     import pydicom
 
