@@ -15,14 +15,14 @@ is answered 401 here too, so it never holds a slot nor has its upload read.
 
 from __future__ import annotations
 
-import json
-
 from prometheus_client import Counter, Gauge
 from pydantic import SecretStr
+from starlette.datastructures import Headers
+from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.deps import API_KEY_HEADER, UNAUTHORIZED, api_key_accepted
-from app.problems import PROBLEM_JSON
+from app.problems import problem
 
 REFUSED = "boneage.refused"  # Scope key: set on a refused request, read by the logging middleware.
 
@@ -46,21 +46,24 @@ class Admission:
         self.in_flight_gauge = in_flight
         self.refused = refused
         self.api_key = api_key
-        self.key_header = API_KEY_HEADER.lower().encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
-        if self.api_key is not None and not api_key_accepted(self.api_key, self._key(scope)):
+        if self.api_key is not None and not api_key_accepted(self.api_key, Headers(scope=scope).get(API_KEY_HEADER)):
             scope[REFUSED] = scope["path"]
-            await self._answer(scope, send, 401, "Unauthorized", UNAUTHORIZED["detail"], UNAUTHORIZED["headers"])
+            await self._answer(
+                scope, receive, send, 401, "Unauthorized", UNAUTHORIZED["detail"], UNAUTHORIZED["headers"]
+            )
             return
         if self.in_flight >= self.limit:
             scope[REFUSED] = scope["path"]
             self.refused.inc()
             detail = f"The service is at capacity ({self.limit} requests in progress); retry shortly."
-            await self._answer(scope, send, 503, "Overloaded", detail, {"Retry-After": str(self.retry_after_s)})
+            await self._answer(
+                scope, receive, send, 503, "Overloaded", detail, {"Retry-After": str(self.retry_after_s)}
+            )
             return
         self.in_flight += 1
         self.in_flight_gauge.inc()
@@ -70,27 +73,9 @@ class Admission:
             self.in_flight -= 1
             self.in_flight_gauge.dec()
 
-    def _key(self, scope: Scope) -> str | None:
-        for name, value in scope["headers"]:
-            if name == self.key_header:
-                return value.decode("latin-1")
-        return None
-
     @staticmethod
-    async def _answer(scope: Scope, send: Send, status: int, title: str, detail: str, extra: dict[str, str]) -> None:
-        """A problem+json answer sent before the request's body is read."""
-        state = scope.get("state") or {}
-        body = json.dumps(
-            {
-                "type": "about:blank",
-                "title": title,
-                "status": status,
-                "detail": detail,
-                "instance": scope["path"],
-                "request_id": state.get("request_id"),
-            }
-        ).encode()
-        headers = [(b"content-type", PROBLEM_JSON.encode()), (b"content-length", str(len(body)).encode())]
-        headers += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+    async def _answer(
+        scope: Scope, receive: Receive, send: Send, status: int, title: str, detail: str, headers: dict[str, str]
+    ) -> None:
+        """The service's usual problem+json answer, sent before the request's body is read."""
+        await problem(Request(scope, receive), status, title, detail, headers)(scope, receive, send)
