@@ -65,3 +65,21 @@ def test_split_is_deterministic_disjoint_and_stratified():
     assert share_male == pytest.approx(sum(s.male for s in samples) / 1000, abs=0.02)
     young = sum(s.boneage_months < 48 for s in val) / len(val)
     assert young == pytest.approx(0.24, abs=0.03)
+
+
+def test_images_are_found_as_png_or_jpeg(tmp_path):
+    samples = [Sample("1", 30.0, False), Sample("2", 40.0, True)]
+    (tmp_path / "1.png").write_bytes(b"x")
+    (tmp_path / "2.jpg").write_bytes(b"x")
+    assert [p.name for p in image_paths(samples, tmp_path)] == ["1.png", "2.jpg"]
+
+
+def test_training_reads_the_299px_set_as_it_comes(data_dir):
+    from training.train import parse_args
+
+    args = parse_args(["--run-dir", "unused"])
+    assert args.csv == data_dir / "rsna-299px" / "boneage-training-dataset.csv"
+    samples = read_labels(args.csv)
+    assert len(samples) == 11355
+    paths = image_paths(samples[:50], args.csv.with_suffix(""))
+    assert {p.suffix for p in paths} == {".jpg"}

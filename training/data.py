@@ -91,11 +91,22 @@ def read_labels(csv_path: str | Path) -> list[Sample]:
     return samples
 
 
+#: Image file types a label's id may point to, in the order tried: the RSNA release ships PNG,
+#: the 299 px training set here JPEG.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
 def image_paths(samples: Sequence[Sample], image_dir: str | Path) -> list[Path]:
-    """Map samples to ``<image_dir>/<id>.png``; fail naming the missing ones."""
+    """Map samples to ``<image_dir>/<id>.png`` (or ``.jpg``); fail naming the missing ones."""
     folder = Path(image_dir)
-    paths = [folder / f"{s.image_id}.png" for s in samples]
-    missing = [p.name for p in paths if not p.is_file()]
+    present = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+
+    def find(image_id: str) -> Path:
+        name = next((image_id + s for s in IMAGE_SUFFIXES if image_id + s in present), image_id + ".png")
+        return folder / name
+
+    paths = [find(s.image_id) for s in samples]
+    missing = [p.name for p in paths if p.name not in present]
     if missing:
         shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
         raise DatasetError(f"{folder}: {len(missing)} image(s) missing: {shown}")

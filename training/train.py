@@ -3,6 +3,13 @@
     python -m training.train --run-dir runs/xception-100 --epochs 20
     python -m training.train --run-dir runs/xception-100 --resume      # continue after a stop
 
+Progressive resizing is two runs: most epochs at a small side, then a few at the final
+side starting from the first run's weights (the network is fully convolutional with
+global pooling, so the same weights fit any input size):
+
+    python -m training.train --run-dir runs/s1-128 --input-size 128 --epochs 16
+    python -m training.train --run-dir runs/s2-256 --input-size 256 --epochs 3 --init runs/s1-128/best.keras
+
 Reads top to bottom: setup → data → model → callbacks → fit → validation report. The run
 folder receives the best and last models, ``history.csv``, ``loss.png``, ``config.json``,
 ``preprocessing.json`` (the spec the export embeds in the ONNX file), ``data.json`` and the
@@ -15,6 +22,7 @@ import argparse
 import csv
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +37,7 @@ from training.evaluate import format_metrics, predict_keras, write_report
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     root = data.data_root()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--csv", type=Path, default=root / "rsna-100px" / "boneage-training-dataset.csv")
+    p.add_argument("--csv", type=Path, default=root / "rsna-299px" / "boneage-training-dataset.csv")
     p.add_argument("--images", type=Path, help="image folder (default: beside the CSV, as in the release)")
     p.add_argument("--val-csv", type=Path, help="separate validation labels (any RSNA layout)")
     p.add_argument("--val-images", type=Path)
@@ -40,10 +48,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input-size", type=int, default=100)
     p.add_argument("--square", choices=["stretch", "pad"], default="stretch")
     p.add_argument("--weights", default="none", help="imagenet | none | PATH to Xception notop weights")
+    p.add_argument("--init", type=Path, help="start from this .keras model's weights (progressive resizing)")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--patience", type=int, default=5, help="early-stopping patience (epochs)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument(
+        "--loss",
+        choices=["mse", "huber", "mae"],
+        default="mse",
+        help="on the normalised target: huber is quadratic within --huber-delta SDs, linear beyond",
+    )
+    p.add_argument("--huber-delta", type=float, default=0.25, help="in target SDs (the SD is ~41 months)")
+    p.add_argument("--optimizer", choices=["adam", "adamw"], default="adam")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="decoupled weight decay (adamw)")
+    p.add_argument(
+        "--schedule",
+        choices=["plateau", "cosine"],
+        default="plateau",
+        help="plateau: halve on a stalled validation loss, stop early; cosine: warm-up then cosine to zero "
+        "over --epochs, no early stop",
+    )
+    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up (cosine schedule)")
+    p.add_argument("--patience", type=int, default=5, help="early-stopping patience (epochs, plateau schedule)")
     p.add_argument("--steps-per-epoch", type=int, help="cap batches per epoch (smoke runs)")
     p.add_argument(
         "--strategy",
@@ -100,6 +126,34 @@ def plot_history(history_csv: Path, out: Path) -> None:
     plt.close(fig)
 
 
+def make_loss(args: argparse.Namespace, target_std: float):
+    """The training loss on the normalised target, written on months.
+
+    The model answers in months; a loss on ``(months − mean) / std`` equals the same loss
+    on months with its scale changed (Huber's threshold times ``std``), which Adam's
+    per-weight step sizes do not notice. So the built-in, serialisable losses serve.
+    """
+    if args.loss == "huber":
+        return keras.losses.Huber(delta=args.huber_delta * target_std)
+    return {"mse": "mse", "mae": "mae"}[args.loss]
+
+
+def make_optimizer(args: argparse.Namespace, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """Adam or AdamW, at a fixed rate (plateau schedule) or warm-up + cosine decay to zero."""
+    lr = args.lr
+    if args.schedule == "cosine":
+        warmup = round(args.warmup_epochs * steps_per_epoch)
+        lr = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=args.lr / 100 if warmup else args.lr,
+            decay_steps=max(args.epochs * steps_per_epoch - warmup, 1),
+            warmup_target=args.lr if warmup else None,
+            warmup_steps=warmup,
+        )
+    if args.optimizer == "adamw":
+        return keras.optimizers.AdamW(lr, weight_decay=args.weight_decay)
+    return keras.optimizers.Adam(lr)
+
+
 def best_val_loss(run_dir: Path) -> float | None:
     """Best validation loss so far, so a resumed run keeps best.keras unless it beats it."""
     history = run_dir / "history.csv"
@@ -121,8 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         saved = json.loads((run / "config.json").read_text())
         keep = {"resume", "epochs", "run_dir", "workers", "cache_dir"}
         for key, value in saved.items():
-            if key not in keep:
-                setattr(args, key, Path(value) if isinstance(value, str) and key.endswith(("csv", "images")) else value)
+            if key not in keep and key in vars(args):
+                is_path = isinstance(value, str) and key.endswith(("csv", "images", "init"))
+                setattr(args, key, Path(value) if is_path else value)
     elif run.exists() and any(run.iterdir()):
         raise SystemExit(f"{run} is not empty: pass --resume to continue it, or choose another --run-dir")
     run.mkdir(parents=True, exist_ok=True)
@@ -163,8 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     config.update(target_mean=float(y_train.mean()), target_std=float(y_train.std()))
+    # Rewritten on --resume too: the epoch count a resumed run was asked for is the one it has.
+    (run / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if not args.resume:
-        (run / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         spec.save(run / "preprocessing.json")
         (run / "data.json").write_text(
             json.dumps(
@@ -191,9 +247,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.resume:
             model = keras.models.load_model(run / "last.keras")
         else:
-            weights = None if args.weights == "none" else args.weights
+            weights = None if args.weights == "none" or args.init else args.weights
             model = build_model(args.input_size, weights, config["target_mean"], config["target_std"])
-            model.compile(optimizer=keras.optimizers.Adam(args.lr), loss="mse", metrics=["mae"])
+            if args.init:
+                model.set_weights(keras.models.load_model(args.init, compile=False).get_weights())
+            steps = args.steps_per_epoch or -(-len(x_train) // args.batch_size)
+            model.compile(
+                optimizer=make_optimizer(args, steps), loss=make_loss(args, config["target_std"]), metrics=["mae"]
+            )
 
     callbacks = [
         keras.callbacks.ModelCheckpoint(
@@ -204,10 +265,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         keras.callbacks.ModelCheckpoint(run / "last.keras"),
         keras.callbacks.CSVLogger(run / "history.csv", append=args.resume),
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=args.patience, verbose=1),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_lr=1e-6, verbose=1),
         LossPlot(run),
     ]
+    if args.schedule == "plateau":
+        callbacks += [
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=args.patience, verbose=1),
+            keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_lr=1e-6, verbose=1),
+        ]
     t0 = time.perf_counter()
     model.fit(
         train_ds,
@@ -216,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         initial_epoch=initial_epoch,
         steps_per_epoch=args.steps_per_epoch,
         callbacks=callbacks,
-        verbose=1,
+        verbose=1 if sys.stdout.isatty() else 2,  # one line per epoch in a log file
     )
     seconds = time.perf_counter() - t0
     epochs_run = max(completed_epochs(run) - initial_epoch, 1)
