@@ -31,7 +31,18 @@ def convert(args: argparse.Namespace) -> int:
 
     paths = _parity_paths(args.parity_images, args.parity_count)
     try:
-        report = export_run(args.run_dir, args.out, paths, args.storage, args.name, args.version)
+        report = export_run(
+            args.run_dir,
+            args.out,
+            paths,
+            args.storage,
+            args.name,
+            args.version,
+            calibration=args.calibration,
+            csv_path=args.csv,
+            cache_dir=args.cache_dir,
+            gate_train_count=args.gate_train_count,
+        )
     except ExportError as exc:
         print(f"export refused: {exc}", file=sys.stderr)
         return 1
@@ -46,6 +57,16 @@ def convert(args: argparse.Namespace) -> int:
         f"timing (median ms): ONNX Runtime batch 1 {t['onnxruntime_batch1']:.1f}, batch 16 "
         f"{t['onnxruntime_batch16']:.1f}; Keras batch 1 {t['keras_batch1']:.1f}, batch 16 {t['keras_batch16']:.1f}"
     )
+    if "calibration" in report:
+        meta = report["metadata"]
+        print(
+            f"calibration: interval from {meta['interval']['validation_images']} validation residuals in "
+            f"{report['calibration']['interval_bands']} predicted-age bands; gate fitted on "
+            f"{meta['gate']['training_images']} training images, threshold {meta['gate']['threshold']:.3f} "
+            f"(the {meta['gate']['percentile']:g}th percentile of validation scores)"
+        )
+    else:
+        print("calibration: none (--no-calibration): the service will give no interval and no gate")
     print(f"wrote {report['path']} ({report['file_size_mb']} MB, {args.storage} weights)")
     return 0
 
@@ -103,6 +124,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="folder of real radiographs (PNG) for the Keras/ONNX parity check",
     )
     c.add_argument("--parity-count", type=int, default=16)
+    c.add_argument(
+        "--no-calibration",
+        dest="calibration",
+        action="store_false",
+        help="write no prediction interval and no out-of-distribution gate",
+    )
+    c.add_argument("--csv", type=Path, help="the run's training labels, if not where its config.json says")
+    c.add_argument("--cache-dir", type=Path, help="preprocessed-tensor cache (default: the run's)")
+    c.add_argument("--gate-train-count", type=int, default=3000, help="training images the gate is fitted on")
     c.set_defaults(func=convert)
     v = sub.add_parser("verify", help="print a model file's metadata and run it on one image")
     v.add_argument("model", type=Path)

@@ -8,6 +8,7 @@ that fails.
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import json
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.modelfile import INPUT_IMAGE, INPUT_SEX, OUTPUT, SPEC_KEY, encode_metadata, open_session
+from export.modelfile import FEATURES, INPUT_IMAGE, INPUT_SEX, OUTPUT, SPEC_KEY, encode_metadata, open_session
 from radiograph import PreprocessSpec
 from radiograph.preprocess import load_file
 from training.evaluate import predict_keras
@@ -36,22 +37,36 @@ class ExportError(RuntimeError):
 
 
 def load_run(run_dir: Path):
-    """The run's best model, rebuilt in float32 (whatever precision it trained in), + its spec."""
-    import keras
+    """The run's best model exactly as training saved it, + its spec and config.
 
-    from training.model import build_model
+    Nothing is rebuilt from code: what is converted and parity-checked is the saved model.
+    """
+    import keras
 
     config = json.loads((run_dir / "config.json").read_text())
     spec = PreprocessSpec.load(run_dir / "preprocessing.json")
-    trained = keras.models.load_model(run_dir / "best.keras")
-    keras.mixed_precision.set_global_policy("float32")
-    model = build_model(spec.input_size, None, config["target_mean"], config["target_std"])
-    model.set_weights(trained.get_weights())
+    model = keras.models.load_model(run_dir / "best.keras", compile=False)
     return model, spec, config
 
 
+def with_features(model):
+    """The same model with a second output: its pooled image features (float32).
+
+    They are the base's global average pooling, the image half of what the head's
+    ``features`` layer joins with the sex branch (``training/model.py``).
+    """
+    import keras
+
+    pooled = model.get_layer("features").input[0]
+    features = keras.layers.Activation("linear", dtype="float32", name=FEATURES)(pooled)
+    return keras.Model(model.inputs, {OUTPUT: model.output, FEATURES: features}, name=model.name)
+
+
 def to_onnx(model, input_size: int):
-    """tf2onnx conversion with a dynamic batch dimension and the public input/output names."""
+    """tf2onnx conversion with a dynamic batch dimension and the public input/output names.
+
+    ``model`` is :func:`with_features` of the trained model: outputs months and pooled features.
+    """
     import tensorflow as tf
     import tf2onnx
 
@@ -62,7 +77,8 @@ def to_onnx(model, input_size: int):
 
     @tf.function(input_signature=signature)
     def serve(image, sex):
-        return {OUTPUT: model({INPUT_IMAGE: image, INPUT_SEX: sex}, training=False)}
+        out = model({INPUT_IMAGE: image, INPUT_SEX: sex}, training=False)
+        return {OUTPUT: tf.cast(out[OUTPUT], tf.float32), FEATURES: tf.cast(out[FEATURES], tf.float32)}
 
     proto, _ = tf2onnx.convert.from_function(serve, input_signature=signature, opset=OPSET)
     return proto
@@ -114,6 +130,95 @@ def _median_ms(fn, repeats: int) -> float:
     return float(np.median(times) * 1000)
 
 
+#: Training options that describe the recipe (the model file's ``training_config``).
+RECIPE_KEYS = (
+    "input_size",
+    "square",
+    "batch_size",
+    "lr",
+    "loss",
+    "huber_delta",
+    "optimizer",
+    "weight_decay",
+    "schedule",
+    "warmup_epochs",
+    "weights",
+    "mixed_precision",
+    "val_fraction",
+    "seed",
+)
+
+
+def training_summary(run_dir: Path) -> dict:
+    """What the model file says about its training, read from the run's own records.
+
+    Epochs come from ``history.csv`` (what ran, across every ``--resume``), not from the
+    options of the first launch; a run started from an earlier run's weights (``--init``)
+    includes that run's summary, so a progressive-resizing model describes every stage.
+    Only run folder names are kept: no path of the training machine.
+    """
+    config = json.loads((run_dir / "config.json").read_text())
+    summary = {k: config[k] for k in RECIPE_KEYS if k in config}
+    history = run_dir / "history.csv"
+    rows = list(csv.DictReader(history.open())) if history.is_file() else []
+    summary["epochs_trained"] = len(rows)
+    if rows and "val_loss" in rows[0]:
+        summary["best_epoch"] = 1 + min(range(len(rows)), key=lambda i: float(rows[i]["val_loss"]))
+    init = config.get("init")
+    if init:
+        earlier = Path(init).parent
+        summary["init_from"] = training_summary(earlier) if (earlier / "config.json").is_file() else {}
+        summary["init_from"]["run"] = earlier.name
+    return summary
+
+
+def calibrate(
+    session, run_dir: Path, spec: PreprocessSpec, csv_path: Path | None, cache_dir: Path | None, train_count: int
+) -> dict:
+    """Fit the interval on the run's validation split and the gate on its training images.
+
+    Predictions come from ``session``: the exported file itself, as the service runs it.
+    """
+    from export.calibration import FeatureGate, IntervalModel
+    from training import data
+
+    config = json.loads((run_dir / "config.json").read_text())
+    labels = Path(csv_path or config["csv"])
+    if not labels.is_file():
+        raise ExportError(f"calibration needs the run's labels: {labels} not found (pass --csv, or --no-calibration)")
+    samples = data.read_labels(labels)[: config.get("limit")]
+    image_dir = data.default_image_dir(labels) if csv_path or not config.get("images") else Path(config["images"])
+    if config.get("val_csv"):
+        raise ExportError("calibration from a separate --val-csv run is not supported yet (pass --no-calibration)")
+    train_s, val_s = data.stratified_split(samples, config["val_fraction"], config["seed"])
+    rng = np.random.default_rng(config["seed"])
+    train_s = [train_s[i] for i in sorted(rng.permutation(len(train_s))[:train_count])]
+
+    def run(subset):
+        images = data.load_images(data.image_paths(subset, image_dir), spec, cache_dir)
+        sex, age = data.arrays(subset)
+        months, features = [], []
+        for i in range(0, len(subset), 32):
+            m, f = session.run(
+                [OUTPUT, FEATURES], {INPUT_IMAGE: np.asarray(images[i : i + 32]), INPUT_SEX: sex[i : i + 32]}
+            )
+            months.append(m.reshape(-1))
+            features.append(f)
+        return np.concatenate(months), np.concatenate(features), age
+
+    val_pred, val_features, val_age = run(val_s)
+    _, train_features, _ = run(train_s)
+    try:
+        interval = IntervalModel.fit(val_pred, val_age)
+        gate = FeatureGate.fit(train_features, val_features)
+    except ValueError as exc:
+        raise ExportError(f"calibration: {exc} (pass --no-calibration for a model without them)") from None
+    return {
+        "interval": interval.to_dict() | {"validation_images": len(val_s)},
+        "gate": gate.to_dict() | {"training_images": len(train_s), "validation_images": len(val_s)},
+    }
+
+
 def export_run(
     run_dir: Path,
     out: Path,
@@ -122,8 +227,12 @@ def export_run(
     model_name: str = "boneage-xception",
     model_version: str | None = None,
     timing_repeats: int = 5,
+    calibration: bool = True,
+    csv_path: Path | None = None,
+    cache_dir: Path | None = None,
+    gate_train_count: int = 3000,
 ) -> dict:
-    """Convert, check parity for each storage option, write ``out`` with metadata; return a report."""
+    """Convert, check parity for each storage option, calibrate, write ``out`` with metadata; return a report."""
     import keras
     import onnx
     import tensorflow as tf
@@ -134,10 +243,10 @@ def export_run(
     model, spec, config = load_run(run_dir)
     images = np.stack([load_file(p, spec) for p in parity_images])
     sex = (np.arange(len(images)) % 2).astype(np.float32).reshape(-1, 1)
-    reference = predict_keras(model, images, sex)
+    reference = predict_keras(model, images, sex)  # The saved model, as training left it.
 
     report: dict = {"parity_images": len(images), "storage": {}}
-    fp32 = to_onnx(model, spec.input_size)
+    fp32 = to_onnx(with_features(model), spec.input_size)
     candidates = {"float32": (fp32, PARITY_FP32_MONTHS)}
     if storage == "float16":
         fp16 = onnx.ModelProto()
@@ -164,6 +273,14 @@ def export_run(
         "keras_batch1": _median_ms(lambda: predict_keras(model, *one), timing_repeats),
         "keras_batch16": _median_ms(lambda: predict_keras(model, *sixteen), timing_repeats),
     }
+    reliability = {}
+    if calibration:
+        cache = cache_dir or (Path(config["cache_dir"]) if config.get("cache_dir") else None)
+        reliability = calibrate(session, run_dir, spec, csv_path, cache, gate_train_count)
+        report["calibration"] = {
+            "interval_bands": len(reliability["interval"]["lower_edges"]),
+            "gate_threshold": reliability["gate"]["threshold"],
+        }
 
     def read(name: str) -> dict:
         path = run_dir / name
@@ -176,8 +293,9 @@ def export_run(
         "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "source_run": run_dir.name,
         "training_data": read("data.json"),
-        "training_config": {k: config.get(k) for k in ("epochs", "batch_size", "lr", "weights", "mixed_precision")},
+        "training_config": training_summary(run_dir),
         "validation_metrics": read("metrics.json"),
+        **reliability,
         "versions": {
             "keras": keras.__version__,
             "tensorflow": tf.__version__,

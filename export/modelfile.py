@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from export.calibration import FeatureGate, IntervalModel
 from radiograph import PreprocessSpec
 
 #: Every metadata key we write starts with this, so foreign keys never collide.
@@ -20,6 +21,8 @@ SPEC_KEY = PREFIX + "preprocessing"
 FORMAT_VERSION = "1"
 
 INPUT_IMAGE, INPUT_SEX, OUTPUT = "image", "sex", "bone_age_months"
+#: Optional second output: the pooled image features the out-of-distribution gate scores.
+FEATURES = "image_features"
 
 
 class ModelFileError(RuntimeError):
@@ -41,6 +44,10 @@ class ModelFile:
     @property
     def version(self) -> str:
         return str(self.metadata.get("model_version", "unknown"))
+
+    interval: IntervalModel | None = None
+    gate: FeatureGate | None = None
+    has_features: bool = False
 
 
 def decode_metadata(props: dict[str, str]) -> dict[str, Any]:
@@ -87,13 +94,24 @@ def open_session(path: str | Path, providers: list | None = None, options=None):
         raise ModelFileError(f"{path}: {exc}") from None
     inputs = {i.name: i.shape for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
-    if set(inputs) != {INPUT_IMAGE, INPUT_SEX} or outputs != [OUTPUT]:
+    if set(inputs) != {INPUT_IMAGE, INPUT_SEX} or sorted(outputs) not in ([OUTPUT], sorted([OUTPUT, FEATURES])):
         raise ModelFileError(
-            f"{path}: expected inputs image, sex and output bone_age_months; got {sorted(inputs)} → {outputs}"
+            f"{path}: expected inputs image, sex and outputs bone_age_months (+ image_features); "
+            f"got {sorted(inputs)} → {outputs}"
         )
     if list(inputs[INPUT_IMAGE][1:]) != [spec.input_size, spec.input_size, spec.channels]:
         raise ModelFileError(
             f"{path}: image input shape {inputs[INPUT_IMAGE]} does not match the spec's "
             f"{spec.input_size}×{spec.input_size}×{spec.channels}"
         )
-    return session, ModelFile(path=path, spec=spec, metadata=decode_metadata(props))
+    metadata = decode_metadata(props)
+    try:
+        interval = IntervalModel.from_dict(metadata["interval"]) if "interval" in metadata else None
+        gate = FeatureGate.from_dict(metadata["gate"]) if "gate" in metadata else None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"{path}: its calibration metadata is unreadable: {exc}") from None
+    if gate is not None and FEATURES not in outputs:
+        raise ModelFileError(f"{path}: has a feature gate but no '{FEATURES}' output")
+    return session, ModelFile(
+        path=path, spec=spec, metadata=metadata, interval=interval, gate=gate, has_features=FEATURES in outputs
+    )

@@ -81,8 +81,30 @@ def tiny_onnx(tiny_run, tmp_path_factory) -> tuple[Path, dict]:
         storage="float16",
         model_version="test-1",
         timing_repeats=1,
+        calibration=False,  # 8 validation images are too few; tests/test_calibration.py calibrates for real.
     )
     return out, report
+
+
+@pytest.fixture(scope="session")
+def calibrated_onnx(data_dir, tmp_path_factory) -> Path:
+    """A real model file with its interval and gate, fitted by export on real radiographs.
+
+    One epoch at 71 px on 400 radiographs of the 299 px set (120 held out): far from a good
+    model, but the calibration is computed exactly as for the bundled one.
+    """
+    from export.convert import export_run
+    from training import train
+
+    run = tmp_path_factory.mktemp("runs") / "calibrated"
+    labels = data_dir / "rsna-299px" / "boneage-training-dataset.csv"
+    common = ["--input-size", "71", "--epochs", "1", "--batch-size", "16", "--workers", "2"]
+    split = ["--limit", "400", "--val-fraction", "0.3", "--cache-dir", str(run.parent / "cache")]
+    assert train.main(["--csv", str(labels), "--run-dir", str(run), *common, *split]) == 0
+    out = tmp_path_factory.mktemp("models") / "calibrated.onnx"
+    parity = sorted((data_dir / "rsna-halfres" / "images").glob("*.png"))[:16]
+    export_run(run, out, parity, model_version="calibrated-test", timing_repeats=1, gate_train_count=250)
+    return out
 
 
 BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "models" / "boneage.onnx"
@@ -105,7 +127,7 @@ def make_client(bundled_model):
     clients = []
 
     def make(**overrides) -> TestClient:
-        settings = Settings(model_path=bundled_model, max_batch_size=4, **overrides)
+        settings = Settings(**{"model_path": bundled_model, "max_batch_size": 4, **overrides})
         client = TestClient(create_app(settings), raise_server_exceptions=False)
         client.__enter__()
         clients.append(client)

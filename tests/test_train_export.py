@@ -13,7 +13,8 @@ import pytest
 from export.__main__ import main as export_cli
 from export.modelfile import SPEC_KEY, ModelFileError, open_session
 from radiograph import PreprocessSpec
-from tests.conftest import HALFRES_PNG, SMALL_DICOM, THUMBNAILS_CSV
+from radiograph.preprocess import load_file
+from tests.conftest import HALFRES_PNG, SMALL_DICOM, THUMBNAILS, THUMBNAILS_CSV
 from training import train
 
 
@@ -173,3 +174,69 @@ def test_large_caches_are_streamed_from_disk_with_the_same_tensors(monkeypatch, 
     streamed = next(iter(data.make_dataset(images, sex, age, 10, training=False)))
     np.testing.assert_array_equal(whole[0]["image"].numpy(), streamed[0]["image"].numpy())
     np.testing.assert_array_equal(whole[1].numpy(), streamed[1].numpy())
+
+
+def test_under_mixed_precision_the_head_and_its_months_stay_float32():
+    """bfloat16 has 8 significant bits: a bfloat16 Rescaling would put every answer above 128 months on whole months."""
+    import keras
+
+    from training.model import build_model
+
+    try:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        model = build_model(71)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.get_layer("block1_conv1").compute_dtype == "bfloat16"
+    for name in ("sex_dense", "features", "head_dense", "age_normalised", "bone_age_months"):
+        assert model.get_layer(name).compute_dtype == "float32", name
+    months = model.predict({"image": np.zeros((1, 71, 71, 3)), "sex": np.ones((1, 1))}, verbose=0)
+    assert months.dtype == np.float32
+
+
+def test_export_converts_the_saved_model_not_one_rebuilt_from_code(tiny_run, tmp_path):
+    """A saved model that differs from training/model.py's must be what the file computes."""
+    import shutil
+
+    import keras
+
+    from export.convert import export_run
+
+    run = tmp_path / "edited"
+    shutil.copytree(tiny_run, run)
+    saved = keras.models.load_model(run / "best.keras")
+    shifted = keras.layers.Rescaling(1.0, offset=12.0, name="shift")(saved.output)
+    keras.Model(saved.inputs, shifted).save(run / "best.keras")
+
+    images = sorted(THUMBNAILS.glob("*.png"))[:16]
+    export_run(run, tmp_path / "edited.onnx", images, "float32", timing_repeats=1, calibration=False)
+    session, model = open_session(tmp_path / "edited.onnx")
+    tensor = np.stack([load_file(p, model.spec) for p in images[:4]])
+    sex = np.ones((4, 1), np.float32)
+    expected = keras.models.load_model(run / "best.keras").predict({"image": tensor, "sex": sex}, verbose=0)
+    got = session.run(["bone_age_months"], {"image": tensor, "sex": sex})[0]
+    np.testing.assert_allclose(got, expected, atol=0.05)
+
+
+def test_progressive_resizing_with_the_new_recipe_resumes_and_the_file_tells_the_truth(tiny_run, tmp_path):
+    """--init from a smaller run, Huber + AdamW + cosine, a resume that extends it: config and metadata follow."""
+    from export.convert import export_run
+
+    run = tmp_path / "stage2"
+    common = ["--workers", "1", "--cache-dir", str(tmp_path / "cache")]
+    recipe = ["--loss", "huber", "--optimizer", "adamw", "--schedule", "cosine", "--warmup-epochs", "0.5"]
+    first = ["--csv", str(THUMBNAILS_CSV), "--run-dir", str(run), "--input-size", "80", "--batch-size", "8"]
+    init = ["--init", str(tiny_run / "best.keras"), "--val-fraction", "0.2", "--epochs", "1"]
+    assert train.main(first + init + recipe + common) == 0
+    assert train.main(["--run-dir", str(run), "--resume", "--epochs", "2", *common]) == 0
+
+    config = json.loads((run / "config.json").read_text())
+    assert config["epochs"] == 2 and config["loss"] == "huber" and config["schedule"] == "cosine"
+    assert len(list(csv.DictReader((run / "history.csv").open()))) == 2
+    out = tmp_path / "stage2.onnx"
+    images = sorted(THUMBNAILS.glob("*.png"))[:16]
+    report = export_run(run, out, images, "float16", timing_repeats=1, calibration=False)
+    summary = report["metadata"]["training_config"]
+    assert summary["epochs_trained"] == 2 and summary["input_size"] == 80 and summary["optimizer"] == "adamw"
+    assert summary["init_from"]["run"] == "tiny" and summary["init_from"]["epochs_trained"] == 1
+    assert str(tmp_path) not in json.dumps(report["metadata"])  # no path of the training machine
