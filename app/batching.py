@@ -20,9 +20,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -62,11 +63,15 @@ class Expected:
 
 
 class Batcher:
-    """``await batcher.submit(image, sex)`` → months, batched with whoever else is waiting."""
+    """``await batcher.submit(image, sex)`` → that image's result, batched with whoever else is waiting.
+
+    ``predict(images, sex)`` returns one result per image, in order (the service's is a
+    :class:`app.inference.Prediction`); the batcher hands each caller its own.
+    """
 
     def __init__(
         self,
-        predict: Callable[[np.ndarray, np.ndarray], np.ndarray],
+        predict: Callable[[np.ndarray, np.ndarray], Sequence[Any]],
         max_batch_size: int = 16,
         max_wait_s: float = 0.005,
         on_batch: Callable[[int, list[float], float], None] | None = None,
@@ -104,8 +109,8 @@ class Batcher:
 
     async def submit(
         self, image: np.ndarray, sex: float, timeout: float | None = None, expected: Expected | None = None
-    ) -> float:
-        """Queue one preprocessed image; raise TimeoutError or BatchFailed."""
+    ) -> Any:
+        """Queue one preprocessed image; return its result, or raise TimeoutError or BatchFailed."""
         if expected is not None:
             expected.arrived()
         item = _Item(image, sex, asyncio.get_running_loop().create_future())
@@ -141,9 +146,9 @@ class Batcher:
             images = np.stack([item.image for item in batch])
             sex = np.array([[item.sex] for item in batch], dtype=np.float32)
             try:
-                months = await loop.run_in_executor(self._executor, self.predict, images, sex)
-                if len(months) != len(batch):
-                    raise RuntimeError(f"model returned {len(months)} results for {len(batch)} inputs")
+                results = await loop.run_in_executor(self._executor, self.predict, images, sex)
+                if len(results) != len(batch):
+                    raise RuntimeError(f"model returned {len(results)} results for {len(batch)} inputs")
             except Exception as exc:
                 log.error("batch of %d failed: %s", len(batch), exc)
                 for item in batch:
@@ -152,6 +157,6 @@ class Batcher:
                 continue
             if self.on_batch:
                 self.on_batch(len(batch), [started - i.enqueued for i in batch], time.monotonic() - started)
-            for item, value in zip(batch, months, strict=True):
+            for item, value in zip(batch, results, strict=True):
                 if not item.future.done():
-                    item.future.set_result(float(value))
+                    item.future.set_result(value)

@@ -38,6 +38,17 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads (0 = its default).")
     api_key: SecretStr | None = Field(None, description="When set, /v1 endpoints need header X-API-Key.")
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins; empty = CORS off.")
+    interval_level: float = Field(
+        0.9,
+        gt=0.5,
+        lt=1,
+        description="Coverage of the bone-age prediction interval (from the model file's conformal calibration).",
+    )
+    out_of_distribution: Literal["refuse", "warn"] = Field(
+        "refuse",
+        description="An image the model cannot rate (unlike its training radiographs): 'refuse' answers 422, "
+        "'warn' answers with a warning.",
+    )
     log_level: str = "INFO"
 
     @property

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
-from export.modelfile import INPUT_IMAGE, INPUT_SEX, OUTPUT, open_session
+from export.modelfile import FEATURES, INPUT_IMAGE, INPUT_SEX, OUTPUT, open_session
 
 log = logging.getLogger("boneage")
 
@@ -21,6 +22,15 @@ def choose_providers(setting: str) -> list[str]:
     if setting in ("auto", "cuda") and CUDA in ort.get_available_providers():
         return [CUDA, CPU]
     return [CPU]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's answer from one session call."""
+
+    months: float
+    #: How far the image's features lie from the training images' (None: the file has no gate).
+    distance: float | None = None
 
 
 class Model:
@@ -53,15 +63,24 @@ class Model:
             self.file.path,
             ", ".join(self.providers),
         )
+        if self.file.interval is None:
+            log.warning("this model file carries no prediction interval: answers come without one")
+        if self.file.gate is None:
+            log.warning("this model file carries no out-of-distribution gate: no image is refused by its features")
+        self._outputs = [OUTPUT, FEATURES] if self.file.gate is not None else [OUTPUT]
 
     @property
     def spec(self):
         return self.file.spec
 
-    def predict(self, images: np.ndarray, sex: np.ndarray) -> np.ndarray:
-        """``(N, S, S, 3)`` float32 and ``(N, 1)`` float32 (male = 1) → ``(N,)`` months."""
-        out = self.session.run([OUTPUT], {INPUT_IMAGE: images, INPUT_SEX: sex})[0]
-        return np.asarray(out, dtype=np.float32).reshape(-1)
+    def predict(self, images: np.ndarray, sex: np.ndarray) -> list[Prediction]:
+        """``(N, S, S, 3)`` float32 and ``(N, 1)`` float32 (male = 1) → one :class:`Prediction` per image."""
+        out = self.session.run(self._outputs, {INPUT_IMAGE: images, INPUT_SEX: sex})
+        months = np.asarray(out[0], dtype=np.float64).reshape(-1)
+        if self.file.gate is None:
+            return [Prediction(float(m)) for m in months]
+        distances = self.file.gate.scores(out[1])
+        return [Prediction(float(m), float(d)) for m, d in zip(months, distances, strict=True)]
 
     def warm_up(self, max_batch_size: int) -> None:
         """Run every batch size the batcher can form once, so no user pays for first-call setup."""

@@ -34,6 +34,11 @@ class Metrics:
         self.refused = Counter(
             "boneage_refused", "Prediction requests refused at the door (service full)", registry=self.registry
         )
+        self.out_of_distribution = Counter(
+            "boneage_out_of_distribution",
+            "Images refused as not ratable (colour photograph, or features unlike the training radiographs)",
+            registry=self.registry,
+        )
         self.queue_depth = Gauge("boneage_queue_depth", "Requests waiting for a batch", registry=self.registry)
         self.queue_wait = Histogram(
             "boneage_queue_wait_seconds",

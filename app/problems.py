@@ -19,17 +19,31 @@ PROBLEM_JSON = "application/problem+json"
 class ProblemError(Exception):
     """Raise from handlers to answer with a specific status, title and detail."""
 
-    def __init__(self, status: int, detail: str, title: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        title: str | None = None,
+        headers: dict | None = None,
+        type_: str = "about:blank",
+        errors: list | None = None,
+    ):
         super().__init__(detail)
-        self.status, self.detail, self.headers = status, detail, headers
+        self.status, self.detail, self.headers, self.type, self.errors = status, detail, headers, type_, errors
         self.title = title or HTTPStatus(status).phrase
 
 
 def problem(
-    request: Request, status: int, title: str, detail: str, headers: dict | None = None, errors: list | None = None
+    request: Request,
+    status: int,
+    title: str,
+    detail: str,
+    headers: dict | None = None,
+    errors: list | None = None,
+    type_: str = "about:blank",
 ) -> JSONResponse:
     body = {
-        "type": "about:blank",
+        "type": type_,
         "title": title,
         "status": status,
         "detail": detail,
@@ -52,7 +66,7 @@ def _field_errors(exc: RequestValidationError) -> list[dict]:
 def install(app: FastAPI) -> None:
     @app.exception_handler(ProblemError)
     async def _problem(request: Request, exc: ProblemError):
-        return problem(request, exc.status, exc.title, exc.detail, exc.headers)
+        return problem(request, exc.status, exc.title, exc.detail, exc.headers, exc.errors, exc.type)
 
     @app.exception_handler(ImageError)
     async def _image(request: Request, exc: ImageError):

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.assessment import Classification
+from app.assessment import RULE, Classification
 
 SexIn = Literal["male", "female", "M", "F", "m", "f", "Male", "Female", "MALE", "FEMALE"]
 Sex = Literal["male", "female"]
@@ -51,10 +51,22 @@ class Assessment(BaseModel):
     difference_months: float = Field(description="Bone age − chronological age.")
     sd_months: float | None = Field(description="SD of bone age for this age and sex; null outside the table.")
     z_score: float | None
-    classification: Classification = Field(description="By the ±2 SD rule; 'indeterminate' when no SD exists.")
-    statement: str
+    z_score_interval: tuple[float, float] | None = Field(
+        None, description="The z-score's own uncertainty: the bone-age interval expressed in SDs (null without one)."
+    )
+    classification: Classification = Field(description=f"Rule: {RULE}.")
+    statement: str = Field(description="The comparison and the classification's reason in words.")
+    rule: str = Field(RULE, description="The classification rule in words.")
     sd_source: str
     sd_method: str
+
+
+class Interval(BaseModel):
+    """A prediction interval: the true bone age lies in [lower, upper] with probability ``level``."""
+
+    lower: float
+    upper: float
+    level: float = Field(description="Coverage, e.g. 0.9 for a 90% interval.")
 
 
 class ModelRef(BaseModel):
@@ -72,6 +84,8 @@ class BoneAgeResponse(BaseModel):
                     "request_id": "6f1c2b7e9a4d4f0e8b1a2c3d4e5f6a7b",
                     "bone_age_months": 101.3,
                     "bone_age_years": 8.4,
+                    "bone_age_interval_months": {"lower": 86.5, "upper": 118.0, "level": 0.9},
+                    "bone_age_interval_years": {"lower": 7.2, "upper": 9.8, "level": 0.9},
                     "sex": "female",
                     "sex_source": "dicom",
                     "chronological_age_months": 84.0,
@@ -80,14 +94,18 @@ class BoneAgeResponse(BaseModel):
                         "difference_months": 17.3,
                         "sd_months": 9.64,
                         "z_score": 1.79,
+                        "z_score_interval": [0.26, 3.53],
                         "classification": "normal",
                         "statement": "Bone age is 17.3 months ahead of chronological age (z = +1.79), within the ±2 SD "
-                        "range: normal.",
+                        "range: normal; the model's 90% interval (86–118 months, z +0.3 to +3.5) reaches beyond "
+                        "±2 SD, so an advance cannot be excluded.",
+                        "rule": RULE,
                         "sd_source": "Greulich & Pyle (Brush Foundation) SD of skeletal age; …",
                         "sd_method": "linear interpolation between table ages",
                     },
                     "model": {"name": "boneage-xception", "version": "xception100-v1"},
                     "notes": [],
+                    "warnings": [],
                 }
             ]
         }
@@ -96,6 +114,12 @@ class BoneAgeResponse(BaseModel):
     request_id: str
     bone_age_months: float = Field(description="Predicted bone age, one decimal.")
     bone_age_years: float = Field(description="The same in years, one decimal.")
+    bone_age_interval_months: Interval | None = Field(
+        None,
+        description="Prediction interval for the bone age (split-conformal, from the model's validation error by "
+        "predicted-age band); null when the model file carries no calibration.",
+    )
+    bone_age_interval_years: Interval | None = Field(None, description="The same interval in years.")
     sex: Sex
     sex_source: Literal["request", "dicom"]
     chronological_age_months: float | None = None
@@ -103,6 +127,10 @@ class BoneAgeResponse(BaseModel):
     assessment: Assessment | None = Field(None, description="Present when the chronological age is known.")
     model: ModelRef
     notes: list[str] = Field(default_factory=list, description="Anything the user should know about this answer.")
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Why this image may not be ratable (only when the service is set to warn instead of refusing).",
+    )
 
 
 class BatchingInfo(BaseModel):
@@ -121,6 +149,12 @@ class ModelInfo(BaseModel):
     preprocessing: dict
     execution_providers: list[str]
     batching: BatchingInfo
+    interval: dict | None = Field(
+        None, description="How answers get their prediction interval (null: this model file has none)."
+    )
+    gate: dict | None = Field(
+        None, description="The out-of-distribution gate: method, threshold and action (null: this model file has none)."
+    )
     metadata: dict
 
 

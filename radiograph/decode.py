@@ -50,6 +50,9 @@ class DecodedImage:
     sex: Sex | None = None
     age_months: float | None = None
     notes: list[str] = field(default_factory=list)
+    #: How colourful the file was before it became grey (Hasler & Süsstrunk's metric, 0–255
+    #: scale; ~0 for a grey picture saved as RGB, ~15 and up for a photograph); None for grey files.
+    colourfulness: float | None = None
 
 
 def sniff_format(data: bytes) -> Literal["png", "jpeg", "dicom"]:
@@ -75,7 +78,16 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
     kind = sniff_format(data)
     if kind == "dicom":
         return _decode_dicom(data, max_pixels)
-    return DecodedImage(pixels=_decode_pillow(data, kind, max_pixels), format=kind)
+    pixels, colourfulness = _decode_pillow(data, kind, max_pixels)
+    return DecodedImage(pixels=pixels, format=kind, colourfulness=colourfulness)
+
+
+def colourfulness(rgb: np.ndarray) -> float:
+    """Hasler & Süsstrunk (2003) colourfulness of an ``(H, W, 3)`` RGB array (0–255 scale)."""
+    step = max(1, int(np.sqrt(rgb.shape[0] * rgb.shape[1] / 250_000)))
+    r, g, b = (rgb[::step, ::step, i].astype(np.float32) for i in range(3))
+    rg, yb = r - g, (r + g) / 2 - b
+    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
 
 
 def decode_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
@@ -90,8 +102,8 @@ def _check_size(width: int, height: int, max_pixels: int) -> None:
         raise ImageTooLarge(f"The image is {width}×{height} = {width * height:,} pixels; the limit is {max_pixels:,}.")
 
 
-def _decode_pillow(data: bytes, kind: str, max_pixels: int) -> np.ndarray:
-    """PNG (8/16-bit grey, RGB, RGBA, palette) and JPEG (grey, RGB, CMYK) → grey float32."""
+def _decode_pillow(data: bytes, kind: str, max_pixels: int) -> tuple[np.ndarray, float | None]:
+    """PNG (8/16-bit grey, RGB, RGBA, palette) and JPEG (grey, RGB, CMYK) → grey float32 and colourfulness."""
     try:
         with warnings.catch_warnings():
             # Our own limit is checked below from the header; Pillow's warning adds nothing.
@@ -113,16 +125,19 @@ def _decode_pillow(data: bytes, kind: str, max_pixels: int) -> np.ndarray:
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         pixels = np.asarray(img, dtype=np.float32)
-        return pixels / 65535.0
+        return pixels / 65535.0, None
     if mode == "F":
-        return np.asarray(img, dtype=np.float32)
+        return np.asarray(img, dtype=np.float32), None
+    colour = None
     if mode in ("L", "LA"):
         grey = img.getchannel(0)
     elif mode in ("P", "PA", "1", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
-        grey = img.convert("RGB").convert("L")
+        rgb = img.convert("RGB")
+        colour = colourfulness(np.asarray(rgb)) if mode not in ("1",) else None
+        grey = rgb.convert("L")
     else:
         raise UnsupportedFormat(f"{kind.upper()} images in mode {mode} are not supported.")
-    return np.asarray(grey, dtype=np.float32) / 255.0
+    return np.asarray(grey, dtype=np.float32) / 255.0, colour
 
 
 def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:

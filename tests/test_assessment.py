@@ -51,3 +51,33 @@ def test_z_score_and_classification_by_hand():
 
 def test_exactly_two_sd_is_still_normal():
     assert assess(84 + 2 * 9.64, 84, "female").classification == "normal"
+
+
+# Girl, 84 months, SD 9.64: the normal range is 84 ± 19.28 = 64.72–103.28 months.
+@pytest.mark.parametrize(
+    ("bone_age", "interval", "label", "words"),
+    [
+        (130, (110, 150), "advanced", "lies wholly above +2 SD"),
+        (50, (40, 60), "delayed", "lies wholly below −2 SD"),
+        (110, (95, 125), "indeterminate", "too large to call it advanced"),
+        (60, (45, 75), "indeterminate", "too large to call it delayed"),
+        (90, (70, 110), "normal", "an advance cannot be excluded"),
+        (84, (60, 108), "normal", "a delay or an advance cannot be excluded"),
+    ],
+)
+def test_delayed_or_advanced_only_when_the_whole_interval_lies_beyond_two_sd(bone_age, interval, label, words):
+    a = assess(bone_age, 84, "female", interval, 0.9)
+    assert a.classification == label and words in a.statement
+    assert a.z_score_interval == (round((interval[0] - 84) / 9.64, 2), round((interval[1] - 84) / 9.64, 2))
+    assert "90% interval" in a.statement
+
+
+def test_a_narrow_interval_inside_the_range_is_plainly_normal():
+    a = assess(90, 84, "female", (80, 100), 0.9)
+    assert a.classification == "normal" and "cannot be excluded" not in a.statement
+
+
+def test_without_an_interval_the_plain_rule_applies_and_says_so():
+    a = assess(110, 84, "female")
+    assert a.classification == "advanced" and a.z_score_interval is None
+    assert "no prediction interval" in a.statement

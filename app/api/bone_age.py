@@ -9,12 +9,22 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
-from app import assessment
+from app import assessment, quality
 from app.api.deps import RuntimeDep
 from app.batching import BatchFailed
+from app.inference import Prediction
 from app.problems import ProblemError
 from app.runtime import Runtime
-from app.schemas import MAX_AGE_MONTHS, BoneAgeJsonRequest, BoneAgeResponse, ModelRef, Problem, SexIn, normalise_sex
+from app.schemas import (
+    MAX_AGE_MONTHS,
+    BoneAgeJsonRequest,
+    BoneAgeResponse,
+    Interval,
+    ModelRef,
+    Problem,
+    SexIn,
+    normalise_sex,
+)
 from radiograph import DecodedImage, load_model_input
 
 router = APIRouter(prefix="/v1", tags=["bone age"])
@@ -43,7 +53,9 @@ ERRORS = {
         401: "Missing or wrong X-API-Key (only when the service requires one).",
         413: "Upload or image larger than the service accepts.",
         415: "A real image in a format the service does not read (GIF, compressed DICOM…).",
-        422: "Invalid or missing field (e.g. sex, when the image does not carry it).",
+        422: "Invalid or missing field (e.g. sex, when the image does not carry it); or, with problem type "
+        f"`{quality.PROBLEM_TYPE}`, an image the model cannot rate (a photograph, or unlike the children's hand "
+        "radiographs it was trained on).",
         503: "Not ready, or overloaded: retry after the Retry-After seconds.",
         504: "The request waited longer than the service's deadline.",
     }.items()
@@ -90,22 +102,35 @@ async def _assess(
             runtime.pool, load_model_input, data, runtime.model.spec, settings.max_pixels
         )
         used_sex, sex_source, age, age_source, notes = _patient_facts(decoded, sex, age)
+        findings = quality.file_findings(decoded)
+        _refuse_if(findings, runtime)
         try:
-            months = await runtime.batcher.submit(
+            prediction: Prediction = await runtime.batcher.submit(
                 tensor, 1.0 if used_sex == "male" else 0.0, settings.request_timeout_s, expected
             )
         except TimeoutError:
             raise ProblemError(504, f"No result within {settings.request_timeout_s:g} s.", "Timed out") from None
         except BatchFailed:
             raise ProblemError(500, "Inference failed for this request's batch; retry.", "Inference failed") from None
+    findings += quality.feature_findings(prediction.distance, runtime.model.file.gate)
+    _refuse_if(findings, runtime)
+    months, level = prediction.months, settings.interval_level
+    calibration = runtime.model.file.interval
+    interval = calibration.interval(months, level) if calibration is not None else None
     result = None
     if age is not None:
-        a = assessment.assess(months, age, used_sex)
+        a = assessment.assess(months, age, used_sex, interval, level)
         result = {**a.__dict__, "sd_source": assessment.SD_SOURCE, "sd_method": assessment.SD_METHOD}
     return BoneAgeResponse(
         request_id=request.state.request_id,
         bone_age_months=round(months, 1),
         bone_age_years=round(months / 12, 1),
+        bone_age_interval_months=None
+        if interval is None
+        else Interval(lower=round(interval[0], 1), upper=round(interval[1], 1), level=level),
+        bone_age_interval_years=None
+        if interval is None
+        else Interval(lower=round(interval[0] / 12, 1), upper=round(interval[1] / 12, 1), level=level),
         sex=used_sex,
         sex_source=sex_source,
         chronological_age_months=None if age is None else round(age, 2),
@@ -113,7 +138,15 @@ async def _assess(
         assessment=result,
         model=ModelRef(name=runtime.model.file.name, version=runtime.model.file.version),
         notes=notes,
+        warnings=findings,
     )
+
+
+def _refuse_if(findings: list[str], runtime: Runtime) -> None:
+    """Refuse an image the model cannot rate (the default), unless the service is set to warn."""
+    if findings and runtime.settings.out_of_distribution == "refuse":
+        runtime.metrics.out_of_distribution.inc()
+        raise ProblemError(422, " ".join(findings), quality.PROBLEM_TITLE, type_=quality.PROBLEM_TYPE)
 
 
 @router.post(

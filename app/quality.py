@@ -1,0 +1,50 @@
+"""The quality gate: say when an image is not one the model can rate.
+
+A regression model gives a number for anything. Two kinds of evidence say the number
+means nothing:
+
+- the file itself: a colour photograph is not a radiograph (cheap, before the model);
+- the model's own view: its pooled image features lie far from those of the training
+  radiographs (the model file's :class:`export.calibration.FeatureGate`, threshold at a
+  high percentile of held-out validation radiographs).
+
+Each finding is a sentence for the user. The service refuses (422, problem type
+:data:`PROBLEM_TYPE`) or, when configured to warn, answers with the findings as warnings.
+"""
+
+from __future__ import annotations
+
+from export.calibration import FeatureGate
+from radiograph import DecodedImage
+
+#: Problem type of a refusal (RFC 9457 ``type``; relative to the service, documented there).
+PROBLEM_TYPE = "/problems/out-of-distribution"
+PROBLEM_TITLE = "Image cannot be rated"
+
+#: Colourfulness (Hasler & Süsstrunk, 0–255 scale) above which a file is a colour photograph.
+#: Grey radiographs saved as RGB score 0; phone photos of a film or a screen, tinted by the
+#: light, score up to ~16 in the hospital set; everyday colour photographs score 30 and more.
+MAX_COLOURFULNESS = 25.0
+
+
+def file_findings(decoded: DecodedImage) -> list[str]:
+    """What the file alone shows (before the model runs)."""
+    findings = []
+    if decoded.colourfulness is not None and decoded.colourfulness > MAX_COLOURFULNESS:
+        findings.append(
+            f"The picture is in colour (colourfulness {decoded.colourfulness:.0f}, a radiograph's is near 0): "
+            "it looks like a photograph, not a radiograph."
+        )
+    return findings
+
+
+def feature_findings(distance: float | None, gate: FeatureGate | None) -> list[str]:
+    """What the model's features show: an image unlike the radiographs it was trained on."""
+    if gate is None or distance is None or distance <= gate.threshold:
+        return []
+    return [
+        f"The image is unlike the children's hand radiographs the model was trained on (feature distance "
+        f"{distance:.2f}; {gate.percentile:g}% of held-out training radiographs score at most {gate.threshold:.2f}). "
+        "It may not be a left-hand radiograph of a child, or it may be inverted, rotated, cropped, or a photo "
+        "of a screen. Send the original radiograph (DICOM where possible)."
+    ]
