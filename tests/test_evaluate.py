@@ -49,5 +49,5 @@ def test_report_writes_metrics_per_image_csv_and_both_plots(tmp_path):
         "predicted_months": "40.00",
         "error_months": "10.00",
     }
-    for plot in ("scatter.png", "bland_altman.png"):
+    for plot in ("scatter.png", "bland_altman.png", "residuals.png"):
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -7,7 +7,7 @@
 
 Writes ``metrics.json`` (MAE overall, by sex and by age band, RMSE, mean bias, share
 within 12 months), ``predictions.csv`` (one row per image), ``scatter.png`` and
-``bland_altman.png``. Images go through :mod:`radiograph` with the spec saved beside
+``bland_altman.png`` and ``residuals.png``. Images go through :mod:`radiograph` with the spec saved beside
 the model, exactly as the service would prepare them.
 """
 
@@ -91,6 +91,28 @@ def plot_bland_altman(y_true: np.ndarray, y_pred: np.ndarray, path: Path, title:
     plt.close(fig)
 
 
+def plot_residuals(y_true: np.ndarray, y_pred: np.ndarray, path: Path, title: str = "") -> None:
+    """Distribution of predicted − true, overall and by age band (what the prediction interval is built on)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    err = y_pred - y_true
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
+    left.hist(err, bins=40, color="tab:blue", alpha=0.8)
+    left.axvline(0, color="k", lw=1)
+    left.set(xlabel="predicted − true (months)", ylabel="images", title=title)
+    bands = [(name, err[(y_true >= lo) & (y_true < hi)]) for name, lo, hi in AGE_BANDS]
+    bands = [(name, e) for name, e in bands if e.size]
+    right.boxplot([e for _, e in bands], tick_labels=[f"{name}\n(n={e.size})" for name, e in bands], showfliers=True)
+    right.axhline(0, color="k", lw=1)
+    right.set(xlabel="true bone age", ylabel="predicted − true (months)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def write_report(
     out: Path, ids: Sequence[str], y_true: np.ndarray, y_pred: np.ndarray, male: np.ndarray, title: str
 ) -> dict:
@@ -105,6 +127,7 @@ def write_report(
             writer.writerow([i, bool(m), f"{t:.2f}", f"{p:.2f}", f"{p - t:.2f}"])
     plot_scatter(y_true, y_pred, out / "scatter.png", title)
     plot_bland_altman(y_true, y_pred, out / "bland_altman.png", title)
+    plot_residuals(y_true, y_pred, out / "residuals.png", title)
     return metrics
 
 
