@@ -90,12 +90,47 @@ class Batcher:
     def depth(self) -> int:
         return self.queue.qsize()
 
+    #: Restarts after an unexpected failure of the loop itself; beyond it the batcher stays down
+    #: (``alive`` is False, so readiness fails and an orchestrator replaces the process).
+    MAX_RESTARTS = 5
+
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+        self.restarts = 0
+        self._task = asyncio.get_running_loop().create_task(self._supervise(), name="batcher")
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def _supervise(self) -> None:
+        """Run the batching loop; if it dies of anything but cancellation, log and restart it.
+
+        A failure inside one model call is handled per batch in :meth:`_run`; this catches what
+        lies outside it (collecting, stacking), which would otherwise leave every later request
+        waiting for its deadline while readiness still said ready.
+        """
+        while True:
+            try:
+                await self._run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.restarts += 1
+                log.exception("batcher loop failed (restart %d of %d)", self.restarts, self.MAX_RESTARTS)
+                if self.restarts > self.MAX_RESTARTS:
+                    log.error("batcher stopped after %d restarts: the service is no longer ready", self.MAX_RESTARTS)
+                    self._fail_queued(BatchFailed("the batcher stopped"))
+                    return
+
+    def _fail_queued(self, exc: Exception) -> None:
+        while not self.queue.empty():
+            item = self.queue.get_nowait()
+            if not item.future.done():
+                item.future.set_exception(exc)
 
     async def stop(self) -> None:
         """Answer everything already queued, then stop (graceful shutdown)."""
-        while not self.queue.empty():
+        while not self.queue.empty() and self.alive:
             await asyncio.sleep(0.01)
         if self._task:
             self._task.cancel()
@@ -113,6 +148,8 @@ class Batcher:
         """Queue one preprocessed image; return its result, or raise TimeoutError or BatchFailed."""
         if expected is not None:
             expected.arrived()
+        if self._task is not None and self._task.done():
+            raise BatchFailed("the batcher has stopped")
         item = _Item(image, sex, asyncio.get_running_loop().create_future())
         self.queue.put_nowait(item)
         return await asyncio.wait_for(item.future, timeout)  # Cancels the future on timeout.
@@ -143,9 +180,9 @@ class Batcher:
             if not batch:
                 continue
             started = time.monotonic()
-            images = np.stack([item.image for item in batch])
-            sex = np.array([[item.sex] for item in batch], dtype=np.float32)
             try:
+                images = np.stack([item.image for item in batch])
+                sex = np.array([[item.sex] for item in batch], dtype=np.float32)
                 results = await loop.run_in_executor(self._executor, self.predict, images, sex)
                 if len(results) != len(batch):
                     raise RuntimeError(f"model returned {len(results)} results for {len(batch)} inputs")
@@ -155,8 +192,8 @@ class Batcher:
                     if not item.future.done():
                         item.future.set_exception(BatchFailed(str(exc)))
                 continue
-            if self.on_batch:
-                self.on_batch(len(batch), [started - i.enqueued for i in batch], time.monotonic() - started)
             for item, value in zip(batch, results, strict=True):
                 if not item.future.done():
                     item.future.set_result(value)
+            if self.on_batch:
+                self.on_batch(len(batch), [started - i.enqueued for i in batch], time.monotonic() - started)

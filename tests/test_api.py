@@ -186,3 +186,26 @@ def test_openapi_document_is_valid_and_documents_examples(client):
     assert {"400", "413", "415", "422", "503", "504"} <= set(paths["/v1/bone-age"]["post"]["responses"])
     schemas = spec["components"]["schemas"]
     assert schemas["BoneAgeResponse"]["examples"] and schemas["Problem"]["examples"]
+
+
+def test_when_the_batcher_stops_for_good_readiness_fails_and_requests_get_503_at_once(client):
+    """Issue 12 item 3: a dead batcher must not look ready nor leave requests waiting for their deadline."""
+    import time
+
+    batcher = client.app.state.runtime.batcher
+
+    async def broken_collect():
+        raise RuntimeError("injected failure while collecting")
+
+    assert client.get("/readyz").status_code == 200
+    batcher._collect = broken_collect
+    post = {"files": {"image": ("a.png", HALFRES_PNG.read_bytes())}, "data": {"sex": "female"}}
+    client.post("/v1/bone-age", **post)  # wakes the loop; it then fails on every restart
+    deadline = time.monotonic() + 5
+    while batcher.alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and "batcher" in ready.json()["detail"]
+    started = time.monotonic()
+    response = client.post("/v1/bone-age", **post)
+    assert response.status_code == 503 and time.monotonic() - started < 2

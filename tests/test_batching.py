@@ -127,3 +127,41 @@ async def test_a_request_that_fails_before_submitting_stops_being_waited_for():
     # Leaving the block (e.g. a decode error) releases the wait: the first request runs alone.
     assert await asyncio.wait_for(first, timeout=5) == 1.0
     await batcher.stop()
+
+
+async def test_a_failure_outside_the_model_call_is_logged_and_the_batcher_restarts(monkeypatch, caplog):
+    """Issue 12 item 3: a batcher that dies silently leaves every later request waiting for its 504."""
+    model = GatedModel()
+    model.release.set()
+    batcher = Batcher(model, max_batch_size=4, max_wait_s=0.001)
+    collect = batcher._collect
+    failures = iter([RuntimeError("injected failure while collecting")])
+
+    async def flaky_collect():
+        for exc in failures:
+            raise exc
+        return await collect()
+
+    monkeypatch.setattr(batcher, "_collect", flaky_collect)
+    batcher.start()
+    assert await asyncio.wait_for(batcher.submit(image(7), 0.0), 2) == 7.0
+    assert batcher.alive and batcher.restarts == 1
+    assert any(r.levelname == "ERROR" and "batcher loop failed" in r.getMessage() for r in caplog.records)
+    await asyncio.wait_for(batcher.stop(), 2)
+
+
+async def test_a_batcher_that_keeps_failing_stops_answers_at_once_and_shutdown_ends(monkeypatch):
+    batcher = Batcher(GatedModel(), max_batch_size=4, max_wait_s=0.001)
+
+    async def broken_collect():
+        await asyncio.sleep(0.001)
+        raise RuntimeError("injected failure while collecting")
+
+    monkeypatch.setattr(batcher, "_collect", broken_collect)
+    batcher.start()
+    while batcher.alive:
+        await asyncio.sleep(0.005)
+    assert batcher.restarts == Batcher.MAX_RESTARTS + 1
+    with pytest.raises(BatchFailed, match="stopped"):
+        await asyncio.wait_for(batcher.submit(image(1), 0.0), 1)
+    await asyncio.wait_for(batcher.stop(), 2)

@@ -111,6 +111,8 @@ async def _assess(
         except TimeoutError:
             raise ProblemError(504, f"No result within {settings.request_timeout_s:g} s.", "Timed out") from None
         except BatchFailed:
+            if not runtime.batcher.alive:
+                raise ProblemError(503, "The service's batcher has stopped; it is not ready.", "Not ready") from None
             raise ProblemError(500, "Inference failed for this request's batch; retry.", "Inference failed") from None
     findings += quality.feature_findings(prediction.distance, runtime.model.file.gate)
     _refuse_if(findings, runtime)

@@ -25,6 +25,11 @@ async def readyz(request: Request):
         return JSONResponse(
             Health(status="not ready", detail="model loading or shutting down").model_dump(), status_code=503
         )
+    if not runtime.batcher.alive:
+        return JSONResponse(
+            Health(status="not ready", detail="the batcher has stopped after repeated failures").model_dump(),
+            status_code=503,
+        )
     return Health(status="ready")
 
 
