@@ -13,10 +13,20 @@ from export.modelfile import FEATURES, INPUT_IMAGE, INPUT_SEX, OUTPUT, open_sess
 log = logging.getLogger("boneage")
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+#: ONNX Runtime's default log severity (0 verbose … 4 fatal).
+ORT_WARNING = 2
+
+
+class ProviderUnavailable(RuntimeError):
+    """An explicitly requested execution provider cannot be used; the service must not start."""
 
 
 def choose_providers(setting: str) -> list[str]:
-    """'auto' and 'cuda' ask for CUDA when this ONNX Runtime build has it; the CPU is always the fallback."""
+    """'auto' and 'cuda' ask for CUDA when this ONNX Runtime build has it, with the CPU after it.
+
+    Whether CUDA really runs is known only once a session exists: :class:`Model` then falls back
+    to the CPU for 'auto' and refuses to start for 'cuda'.
+    """
     import onnxruntime as ort
 
     if setting in ("auto", "cuda") and CUDA in ort.get_available_providers():
@@ -39,8 +49,6 @@ class Model:
     def __init__(self, path, providers: str = "auto", intra_op_threads: int = 0):
         import onnxruntime as ort
 
-        # ORT's own multi-line CUDA-missing errors become the one warning below.
-        ort.set_default_logger_severity(4)
         options = ort.SessionOptions()
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
@@ -50,11 +58,25 @@ class Model:
                 ort.preload_dlls()
             except Exception as exc:
                 log.debug("preload_dlls: %s", exc)
-        self.session, self.file = open_session(path, requested, options)
+        # With 'auto', trying CUDA on a machine without a GPU makes ORT print multi-line errors that
+        # the one warning below replaces; its log is silenced for that attempt only, never otherwise.
+        quiet = providers == "auto" and CUDA in requested
+        if quiet:
+            ort.set_default_logger_severity(4)
+        try:
+            self.session, self.file = open_session(path, requested, options)
+        finally:
+            if quiet:
+                ort.set_default_logger_severity(ORT_WARNING)
         self.providers: list[str] = self.session.get_providers()
         if providers != "cpu" and CUDA not in self.providers:
             reason = "not in this ONNX Runtime build" if CUDA not in requested else "no usable GPU/driver"
-            if providers == "cuda" or CUDA in requested:
+            if providers == "cuda":
+                raise ProviderUnavailable(
+                    f"BONEAGE_PROVIDERS=cuda, but the CUDA execution provider is unusable ({reason}). "
+                    "Use BONEAGE_PROVIDERS=auto to fall back to the CPU, or fix the GPU setup."
+                )
+            if CUDA in requested:
                 log.warning("CUDA execution provider requested but unusable (%s); running on the CPU", reason)
         log.info(
             "model %s %s loaded from %s; execution providers: %s",

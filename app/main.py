@@ -24,7 +24,7 @@ from app.api import bone_age, model, service
 from app.api.deps import require_api_key
 from app.batching import Batcher
 from app.config import Settings, get_settings
-from app.inference import Model
+from app.inference import Model, ProviderUnavailable
 from app.metrics import Metrics
 from app.runtime import Runtime
 from export.modelfile import ModelFileError
@@ -48,9 +48,17 @@ async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
     try:
         model = await asyncio.to_thread(Model, settings.model_path, settings.providers, settings.intra_op_threads)
-    except ModelFileError as exc:
+    except (ModelFileError, ProviderUnavailable) as exc:
         log.error("cannot start: %s", exc)
         raise
+    interval = model.file.interval
+    if interval is not None and settings.interval_level > interval.max_level():
+        message = (
+            f"BONEAGE_INTERVAL_LEVEL={settings.interval_level} is more than this model's calibration supports "
+            f"(at most {interval.max_level():.3f}, from its smallest band of validation residuals)"
+        )
+        log.error("cannot start: %s", message)
+        raise RuntimeError(message)
     started = time.perf_counter()
     await asyncio.to_thread(model.warm_up, settings.max_batch_size)
     metrics: Metrics = app.state.metrics

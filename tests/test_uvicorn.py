@@ -49,6 +49,16 @@ def test_start_up_logs_the_execution_provider_and_serves(tmp_path, bundled_model
         assert "ready: warmed up batch sizes 1–16" in text
 
 
+def test_an_explicit_cuda_setting_without_a_usable_gpu_stops_the_start_with_the_reason(tmp_path, bundled_model):
+    """Issue 12 item 4: 'cuda' must not quietly run on the CPU; 'auto' keeps the fallback (test above)."""
+    with (
+        pytest.raises(RuntimeError, match="exited") as failed,
+        running_service(tmp_path, model_path=bundled_model, providers="cuda"),
+    ):
+        pass
+    assert "BONEAGE_PROVIDERS=cuda, but the CUDA execution provider is unusable" in str(failed.value)
+
+
 def test_concurrent_requests_are_batched_and_each_caller_gets_its_own_answer(tmp_path, bundled_model):
     images = sorted(THUMBNAILS.glob("*.png"))[:12]
     uploads = [(p, "male" if i % 2 else "female") for i, p in enumerate(images)]
