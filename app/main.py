@@ -171,6 +171,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             title=f"{app.title} – reference",
             redoc_js_url="/static/redoc.standalone.js",
             redoc_favicon_url="/static/favicon.png",
+            with_google_fonts=False,  # no outside host: the page must work on a closed hospital network
         )
 
     return app

@@ -168,10 +168,12 @@ def test_cors_is_off_unless_configured(make_client):
     assert open_.headers["access-control-allow-origin"] == "https://x.example"
 
 
-def test_swagger_ui_is_served_from_the_package_without_internet(client):
-    html = client.get("/docs").text
-    assert "swagger-ui" in html
-    assets = re.findall(r'(?:src|href)="([^"]+)"', html) + re.findall(r"url: '([^']+)'", html)
+@pytest.mark.parametrize(("page", "marker"), [("/docs", "swagger-ui"), ("/redoc", "redoc")])
+def test_api_pages_are_served_from_the_package_without_internet(client, page, marker):
+    """Issue 12 item 11: ReDoc loaded its fonts from Google; no page may reference an outside host."""
+    html = client.get(page).text
+    assert marker in html
+    assets = re.findall(r'(?:src|href|spec-url)="([^"]+)"', html) + re.findall(r"url: '([^']+)'", html)
     assert assets and all(a.startswith("/") for a in assets), assets  # nothing from a CDN
     for asset in assets:
         assert client.get(asset).status_code == 200, asset
