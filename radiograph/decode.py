@@ -141,7 +141,11 @@ def _decode_pillow(data: bytes, kind: str, max_pixels: int) -> tuple[np.ndarray,
 
 
 def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
-    """DICOM through pydicom: rescale, VOI LUT or window, MONOCHROME1 inverted."""
+    """DICOM through pydicom: rescale, VOI LUT or window, MONOCHROME1 or INVERSE presentation inverted.
+
+    Compressed pixel data (JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE) is decoded by
+    the GDCM plugin of the serve extra (python-gdcm); 12-bit JPEG Extended is beyond it (415).
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -174,16 +178,26 @@ def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
         pixels = pixels[0]
     if pixels.ndim != 2 or pixels.size == 0:
         raise EmptyImage("The DICOM pixel data is not a single grey image.")
+    lut_errors = (ValueError, IndexError, KeyError, TypeError, AttributeError, ZeroDivisionError)
     try:
-        values = apply_modality_lut(pixels, ds)
+        modality = apply_modality_lut(pixels, ds)
+        if not np.all(np.isfinite(modality)) or np.ptp(modality) == 0 < np.ptp(pixels):
+            raise ValueError("the modality LUT or rescale collapses the image")
+    except lut_errors:
+        modality = pixels  # Malformed rescale or modality LUT: the stored values are the best left.
+    try:
+        values = modality
         if "VOILUTSequence" in ds and np.issubdtype(values.dtype, np.floating):
             # An identity rescale still yields floats; a VOI LUT indexes by integer value.
             values = np.rint(values).astype(np.int64)
         values = apply_voi_lut(values, ds, index=0, prefer_lut=True)
-    except (ValueError, IndexError, KeyError, TypeError, AttributeError):
-        values = pixels  # Malformed LUT/window tags: fall back to stored values, noted below.
+    except lut_errors:
+        values = modality  # Malformed VOI LUT or window: keep the modality values, not the stored ones.
     values = np.asarray(values, dtype=np.float32)
-    if photometric == "MONOCHROME1":
+    # Both say "the lowest value is displayed white"; DX files with MONOCHROME1 carry INVERSE as well,
+    # which is the same inversion stated twice, not a second one.
+    inverse = str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE"
+    if photometric == "MONOCHROME1" or inverse:
         values = values.max() + values.min() - values
     notes: list[str] = []
     sex = _dicom_sex(ds, notes)

@@ -211,3 +211,14 @@ def test_when_the_batcher_stops_for_good_readiness_fails_and_requests_get_503_at
     started = time.monotonic()
     response = client.post("/v1/bone-age", **post)
     assert response.status_code == 503 and time.monotonic() - started < 2
+
+
+def test_a_compressed_dicom_from_pacs_gets_the_same_answer_as_the_uncompressed_one(client, tmp_path):
+    from tests.test_decode import transcoded
+
+    lossless = transcoded(SMALL_DICOM, "JPEGLosslessProcess14_1", tmp_path / "jpeg-lossless.dcm")
+    answers = [
+        client.post("/v1/bone-age", files={"image": (p.name, p.read_bytes())}).json() for p in (SMALL_DICOM, lossless)
+    ]
+    assert answers[0]["bone_age_months"] == answers[1]["bone_age_months"]
+    assert answers[1]["sex_source"] == "dicom" and answers[1]["chronological_age_source"] == "dicom"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -232,3 +233,83 @@ def test_truncated_dicom(small_dicom):
 def test_a_thumbnail_is_tiny_but_valid():
     path = next(THUMBNAILS.glob("*.png"))
     assert decode_file(path).pixels.shape == (100, 100)
+
+
+# Compressed DICOM, as PACS export it (issue 12 item 5) ----------------------------------
+
+PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+
+
+def transcoded(path: Path, syntax: str, out: Path) -> Path:
+    """The same DICOM re-encoded by GDCM in another transfer syntax (pixels untouched for lossless)."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(path))
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(out))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("syntax", "name"),
+    [
+        ("JPEGLosslessProcess14_1", "JPEG Lossless"),
+        ("JPEGLSLossless", "JPEG-LS Lossless"),
+        ("JPEG2000Lossless", "JPEG 2000 Image Compression (Lossless Only)"),
+        ("RLELossless", "RLE Lossless"),
+    ],
+)
+def test_the_real_hand_dicom_compressed_losslessly_decodes_to_the_same_pixels(syntax, name, tmp_path):
+    path = transcoded(SMALL_DICOM, syntax, tmp_path / f"{syntax}.dcm")
+    assert name in pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID.name
+    compressed, plain = decode_file(path), decode_file(SMALL_DICOM)
+    np.testing.assert_array_equal(compressed.pixels, plain.pixels)
+    assert (compressed.sex, compressed.age_months) == ("female", 84.0)
+
+
+@pytest.mark.parametrize(
+    ("compressed", "plain"),
+    [
+        ("MR_small_RLE.dcm", "MR_small.dcm"),
+        ("MR_small_jp2klossless.dcm", "MR_small.dcm"),
+        ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm"),
+        ("JPEG2000.dcm", None),
+        ("693_J2KI.dcm", None),
+    ],
+)
+def test_pydicoms_own_compressed_files_decode(compressed, plain):
+    decoded = decode_file(PYDICOM_FILES / compressed)
+    assert decoded.pixels.ndim == 2 and decoded.pixels.max() > decoded.pixels.min()
+    if plain:
+        np.testing.assert_array_equal(decoded.pixels, decode_file(PYDICOM_FILES / plain).pixels)
+
+
+def test_12bit_jpeg_extended_is_refused_with_the_syntax_named():
+    with pytest.raises(UnsupportedTransferSyntax, match="JPEG Extended"):
+        decode_file(PYDICOM_FILES / "JPEG-lossy.dcm")
+
+
+def test_an_inverse_presentation_lut_is_honoured(small_dicom):
+    plain = decode(dicom_bytes(small_dicom)).pixels
+    small_dicom.PresentationLUTShape = "INVERSE"
+    inverse = decode(dicom_bytes(small_dicom)).pixels
+    np.testing.assert_allclose(inverse, plain.max() + plain.min() - plain)
+    small_dicom.PhotometricInterpretation = "MONOCHROME1"  # DX: INVERSE restates MONOCHROME1, no second flip
+    np.testing.assert_allclose(decode(dicom_bytes(small_dicom)).pixels, inverse)
+
+
+def test_the_rescale_is_kept_when_the_window_cannot_be_applied(small_dicom):
+    del small_dicom.VOILUTSequence
+    small_dicom.RescaleSlope, small_dicom.RescaleIntercept = 2, -100
+    small_dicom.WindowCenter, small_dicom.WindowWidth = 2000, 0  # a zero-width window cannot be applied
+    decoded = decode(dicom_bytes(small_dicom))
+    np.testing.assert_allclose(decoded.pixels, small_dicom.pixel_array * 2.0 - 100)

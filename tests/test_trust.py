@@ -105,3 +105,8 @@ def test_a_model_file_without_calibration_is_served_and_says_so_once(make_client
     assert "no prediction interval" in body["assessment"]["statement"]
     info = client.get("/v1/model").json()
     assert info["interval"] is None and info["gate"] is None
+
+
+def test_a_level_beyond_what_the_calibration_supports_stops_the_start_with_the_reason(make_client, calibrated_onnx):
+    with pytest.raises(RuntimeError, match="more than this model's calibration supports"):
+        make_client(model_path=calibrated_onnx, interval_level=0.999)
