@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from radiograph.errors import (
     EmptyImage,
+    ImageError,
     ImageTooLarge,
     NotAnImage,
     TruncatedImage,
@@ -68,18 +69,33 @@ def sniff_format(data: bytes) -> Literal["png", "jpeg", "dicom"]:
     try:
         with Image.open(io.BytesIO(data)) as img:
             kind = img.format or "unknown"
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+    except Exception:  # Pillow's plugins raise all sorts on junk: none of it is an image we read.
         raise NotAnImage("The file is not a recognisable image. Send a PNG, JPEG or DICOM radiograph.") from None
     raise UnsupportedFormat(f"{kind} images are not supported. Send a PNG, JPEG or DICOM radiograph.")
 
 
 def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
-    """Decode PNG, JPEG or DICOM bytes into a grey float32 picture."""
+    """Decode PNG, JPEG or DICOM bytes into a grey float32 picture.
+
+    Total: any bytes give a decoded image or an :class:`~radiograph.errors.ImageError`. The
+    decoders underneath (pydicom, Pillow, GDCM) raise many exception types on malformed files
+    (``struct.error``, pydicom's ``BytesLengthException``, ``IndexError``…); whatever escapes the
+    specific handlers below is a file that cannot be read, never a server error.
+    """
     kind = sniff_format(data)
-    if kind == "dicom":
-        return _decode_dicom(data, max_pixels)
-    pixels, colourfulness = _decode_pillow(data, kind, max_pixels)
-    return DecodedImage(pixels=pixels, format=kind, colourfulness=colourfulness)
+    try:
+        if kind == "dicom":
+            return _decode_dicom(data, max_pixels)
+        pixels, colourfulness = _decode_pillow(data, kind, max_pixels)
+        return DecodedImage(pixels=pixels, format=kind, colourfulness=colourfulness)
+    except ImageError:
+        raise
+    except MemoryError:
+        raise ImageTooLarge("The image needs more memory to decode than the service allows.") from None
+    except Exception as exc:
+        raise TruncatedImage(
+            f"The {kind.upper()} file is malformed or truncated and cannot be read ({type(exc).__name__})."
+        ) from None
 
 
 def colourfulness(rgb: np.ndarray) -> float:
