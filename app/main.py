@@ -109,10 +109,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics()
     problems.install(app)
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"]
-        )
     # The API key (and its OpenAPI security scheme) exists only when one is configured.
     protected = [Depends(require_api_key)] if settings.api_key else []
     app.include_router(bone_age.router, dependencies=protected)
@@ -135,7 +131,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Request id, one log line (ids, sizes, timings, status: never patient data) and metrics."""
         request.state.request_id = uuid.uuid4().hex
         started = time.perf_counter()
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception:  # Answered here, so that it is logged and counted like any other answer.
+            log.exception("request_id=%s unhandled error", request.state.request_id)
+            response = problems.problem(
+                request, 500, "Internal Server Error", "The service failed to process this request."
+            )
         seconds = time.perf_counter() - started
         route = request.scope.get("route")
         endpoint = getattr(route, "path", None) or request.scope.get(REFUSED, "other")
@@ -153,6 +155,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 seconds * 1000,
             )
         return response
+
+    if settings.cors_origins:  # Outermost: every answer carries CORS headers, refusals at the door included.
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"]
+        )
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui():

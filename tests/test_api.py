@@ -222,3 +222,31 @@ def test_a_compressed_dicom_from_pacs_gets_the_same_answer_as_the_uncompressed_o
     ]
     assert answers[0]["bone_age_months"] == answers[1]["bone_age_months"]
     assert answers[1]["sex_source"] == "dicom" and answers[1]["chronological_age_source"] == "dicom"
+
+
+def test_refusals_at_the_door_carry_cors_headers(make_client):
+    """Issue 12 item 6: Admission answered 401/503 outside CORS, so browsers could not read them."""
+    client = make_client(api_key="secret", cors_origins=["https://x.example"])
+    response = client.post(
+        "/v1/bone-age", files={"image": ("a.png", HALFRES_PNG.read_bytes())}, headers={"Origin": "https://x.example"}
+    )
+    assert response.status_code == 401
+    assert response.headers["access-control-allow-origin"] == "https://x.example"
+
+
+def test_an_unexpected_error_is_answered_logged_and_counted(client, caplog):
+    """Issue 12 item 6: an exception used to skip the request log line and the metrics."""
+    import logging
+
+    async def broken_submit(*args, **kwargs):
+        raise KeyError("injected")
+
+    client.app.state.runtime.batcher.submit = broken_submit
+    with caplog.at_level(logging.INFO, logger="boneage"):
+        response = client.post("/v1/bone-age", files={"image": ("a.png", HALFRES_PNG.read_bytes())}, data={"sex": "F"})
+    assert response.status_code == 500 and response.headers["content-type"] == "application/problem+json"
+    request_id = response.headers["x-request-id"]
+    assert response.json()["request_id"] == request_id
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(request_id in m and "status=500" in m for m in lines), lines
+    assert 'boneage_requests_total{endpoint="/v1/bone-age",status="500"} 1.0' in client.get("/metrics").text
