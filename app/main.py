@@ -124,6 +124,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         in_flight=app.state.metrics.in_flight,
         refused=app.state.metrics.refused,
         api_key=settings.api_key,
+        # The image's own limit is checked by the endpoint; the body may add form framing (multipart)
+        # or base64's 4/3 and the JSON around it.
+        max_body={
+            "/v1/bone-age": settings.max_upload_bytes + 64 * 1024,
+            "/v1/bone-age/json": settings.max_upload_bytes * 4 // 3 + 64 * 1024,
+        },
     )
 
     @app.middleware("http")

@@ -236,3 +236,50 @@ def test_evaluation_through_the_running_service_writes_the_report(tmp_path, bund
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["n"] == 40 and metrics["mae"] > 0
     assert len((tmp_path / "eval" / "predictions.csv").read_text().splitlines()) == 41
+
+
+def test_an_oversize_upload_is_refused_at_the_door_and_nothing_reaches_the_disk(tmp_path, bundled_model):
+    """Issue 12 item 2: a 100 MB upload was read to the end before its 413; chunked bodies declare no length."""
+    spool = tmp_path / "tmp"
+    spool.mkdir()
+    settings = {"model_path": bundled_model, "max_upload_mb": 1}
+    log = tmp_path / "uvicorn.log"
+    env = {**server.service_env(**settings), "TMPDIR": str(spool)}
+    with server.running("app.main:app", log, env, timeout=60) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        before = sorted(spool.iterdir())  # whatever libraries leave at start-up
+        # Declared 100 MB, none of it sent: answered at once.
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(
+                b"POST /v1/bone-age HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                b"Content-Length: 100000000\r\n\r\n"
+            )
+            head, problem = read_response(sock)
+        assert time.monotonic() - started < 2
+        assert head.startswith("HTTP/1.1 413") and "100,000,000 bytes" in problem["detail"], head
+        # Chunked, no length: refused once the bytes that arrived pass the limit, not at the end.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /v1/bone-age/json HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n"
+            )
+            chunk = b"A" * 65536
+            sent = 0
+            try:
+                while sent < 3 * 1024 * 1024:  # the JSON limit is 1.33 MB + 64 KB
+                    sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+                    sent += len(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            head, problem = read_response(sock)
+        assert head.startswith("HTTP/1.1 413") and "more than" in problem["detail"], head
+        # An upload just under the limit is answered, and neither it nor the refused ones left a file.
+        near = (HALFRES_PNG.read_bytes() * 10)[: 1024 * 1024 - 100]
+        response = httpx.post(url + "/v1/bone-age", files={"image": ("big.png", near)}, data={"sex": "female"})
+        assert response.status_code in (200, 400)  # a PNG with trailing bytes: decoded or refused, never 413
+        assert sorted(spool.iterdir()) == before, before
+        text = httpx.get(url + "/metrics").text
+        assert metric(text, 'boneage_requests_total{endpoint="/v1/bone-age",status="413"}') == 1
+        assert metric(text, 'boneage_requests_total{endpoint="/v1/bone-age/json",status="413"}') == 1
+        assert httpx.get(url + "/readyz").status_code == 200
