@@ -250,3 +250,24 @@ def test_an_unexpected_error_is_answered_logged_and_counted(client, caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert any(request_id in m and "status=500" in m for m in lines), lines
     assert 'boneage_requests_total{endpoint="/v1/bone-age",status="500"} 1.0' in client.get("/metrics").text
+
+
+def test_a_request_past_the_deadline_gets_504_and_the_service_goes_on(make_client):
+    """docs/reliability.md lists it; now through HTTP: a model call slower than the deadline."""
+    import time
+
+    client = make_client(request_timeout_s=0.2)
+    batcher = client.app.state.runtime.batcher
+    real = batcher.predict
+
+    def slow(images, sex):
+        time.sleep(0.6)
+        return real(images, sex)
+
+    batcher.predict = slow
+    files = {"image": ("h.png", HALFRES_PNG.read_bytes())}
+    response = client.post("/v1/bone-age", files=files, data={"sex": "male"})
+    assert response.status_code == 504 and response.json()["title"] == "Timed out"
+    batcher.predict = real
+    time.sleep(0.6)  # the slow call still holds the model thread
+    assert client.post("/v1/bone-age", files=files, data={"sex": "male"}).status_code == 200

@@ -136,7 +136,20 @@ def test_dicom_with_12_bits_stored_and_window_tags(small_dicom):
     small_dicom.WindowCenter, small_dicom.WindowWidth = 2000, 2000
     decoded = decode(dicom_bytes(small_dicom))
     assert decoded.pixels.shape == (382, 287)
-    assert decoded.pixels.max() > decoded.pixels.min()
+    # The window (1000–3000) was applied: everything below it is one value, everything above another,
+    # and inside it the mapping is increasing.
+    below, above = stored <= 1000, stored >= 3000
+    assert below.any() and above.any()
+    assert np.ptp(decoded.pixels[below]) == 0 and np.ptp(decoded.pixels[above]) == 0
+    inside = ~below & ~above
+    order = np.argsort(stored[inside], kind="stable")
+    assert np.all(np.diff(decoded.pixels[inside][order]) >= 0)
+    assert (
+        decoded.pixels[above][0]
+        > decoded.pixels[inside].max()
+        > decoded.pixels[inside].min()
+        > decoded.pixels[below][0]
+    )
 
 
 def test_dicom_age_from_birth_and_study_dates(small_dicom):

@@ -108,21 +108,26 @@ def read_response(sock: socket.socket) -> tuple[str, dict]:
     return head.decode(), json.loads(body)
 
 
+def multipart(image: bytes, sex: str, boundary: str = "b0undary") -> tuple[bytes, bytes]:
+    """(request head, body) of a multipart bone-age request, for clients that send it in pieces."""
+    part = f'--{boundary}\r\nContent-Disposition: form-data; name="sex"\r\n\r\n{sex}\r\n'
+    part += f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="h.png"\r\n\r\n'
+    body = part.encode() + image + f"\r\n--{boundary}--\r\n".encode()
+    head = (
+        f"POST /v1/bone-age HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n"
+    )
+    return head.encode(), body
+
+
 def test_when_full_a_request_is_refused_at_the_door_before_its_upload_is_read(tmp_path, bundled_model):
     """A slow upload holds the only slot; the next request gets 503 at once, and both are counted."""
     image = HALFRES_PNG.read_bytes()
-    boundary = "b0undary"
-    head = f'--{boundary}\r\nContent-Disposition: form-data; name="sex"\r\n\r\nfemale\r\n'
-    head += f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="h.png"\r\n\r\n'
-    body = head.encode() + image + f"\r\n--{boundary}--\r\n".encode()
+    head, body = multipart(image, "female")
     with running_service(tmp_path, model_path=bundled_model, queue_size=1) as (url, _, _):
         port = int(url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=30) as slow:
-            slow.sendall(
-                f"POST /v1/bone-age HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
-                f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n".encode()
-                + body[:1000]
-            )
+            slow.sendall(head + body[:1000])
             # Wait until the slow upload is inside the service, holding its one slot.
             deadline = time.monotonic() + 10
             while metric(httpx.get(url + "/metrics").text, "boneage_in_flight") < 1 and time.monotonic() < deadline:
@@ -203,24 +208,26 @@ def test_logs_carry_request_facts_but_no_patient_data(tmp_path, bundled_model):
 
 
 def test_sigterm_lets_in_flight_requests_finish(tmp_path, bundled_model):
-    with running_service(tmp_path, model_path=bundled_model, max_wait_ms=300) as (url, log, proc):
-
-        async def scenario():
-            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-                pending = [
-                    asyncio.create_task(
-                        client.post(
-                            "/v1/bone-age", files={"image": ("h.png", HALFRES_PNG.read_bytes())}, data={"sex": "male"}
-                        )
-                    )
-                    for _ in range(4)
-                ]
-                await asyncio.sleep(0.15)  # Requests are now waiting for their batch.
-                proc.send_signal(signal.SIGTERM)
-                return await asyncio.gather(*pending)
-
-        responses = asyncio.run(scenario())
-        assert [r.status_code for r in responses] == [200] * 4
+    """Four uploads are half sent when SIGTERM arrives (the in-flight gauge says so); all four are answered."""
+    head, body = multipart(HALFRES_PNG.read_bytes(), "male")
+    with running_service(tmp_path, model_path=bundled_model) as (url, log, proc):
+        port = int(url.rsplit(":", 1)[1])
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(4)]
+        for sock in clients:
+            sock.sendall(head + body[: len(body) // 2])
+        deadline = time.monotonic() + 10
+        while metric(httpx.get(url + "/metrics").text, "boneage_in_flight") < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert metric(httpx.get(url + "/metrics").text, "boneage_in_flight") == 4
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # shutdown has begun: the listening socket is closed
+        answers = []
+        for sock in clients:
+            sock.sendall(body[len(body) // 2 :])
+            answers.append(read_response(sock))
+            sock.close()
+        assert [h.split("\r\n")[0] for h, _ in answers] == ["HTTP/1.1 200 OK"] * 4
+        assert all(result["sex"] == "male" for _, result in answers)
         # uvicorn re-raises SIGTERM after its graceful shutdown, so the exit is by that signal.
         assert proc.wait(30) in (0, -signal.SIGTERM)
     text = log.read_text()
