@@ -271,3 +271,24 @@ def test_a_request_past_the_deadline_gets_504_and_the_service_goes_on(make_clien
     batcher.predict = real
     time.sleep(0.6)  # the slow call still holds the model thread
     assert client.post("/v1/bone-age", files=files, data={"sex": "male"}).status_code == 200
+
+
+def test_the_json_body_is_parsed_and_decoded_off_the_event_loop(client, monkeypatch):
+    """Issue 12 item 7: a large JSON body's parse and base64 decode stalled the loop that drives batching."""
+    import threading
+
+    from app.api import bone_age
+
+    threads = []
+    real = bone_age.parse_json_request
+
+    def recording(raw):
+        threads.append(threading.current_thread().name)
+        return real(raw)
+
+    monkeypatch.setattr(bone_age, "parse_json_request", recording)
+    body = {"image": base64.b64encode(HALFRES_PNG.read_bytes()).decode(), "sex": "F"}
+    assert client.post("/v1/bone-age/json", json=body).status_code == 200
+    assert len(threads) == 1 and threads[0].startswith("preprocess"), threads
+    invalid = client.post("/v1/bone-age/json", json={"image": "x", "sex": "X"})
+    assert invalid.status_code == 422 and invalid.json()["errors"][0]["loc"][:2] == ["body", "sex"]
