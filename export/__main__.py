@@ -52,6 +52,11 @@ def convert(args: argparse.Namespace) -> int:
             f"{row['max_abs_diff_months']:.5f} months (bound {row['bound_months']}) "
             f"on {report['parity_images']} radiographs"
         )
+    if "mixed_precision_drift_months" in report:
+        print(
+            f"trained in mixed precision: the file computes in float32, which moves answers by at most "
+            f"{report['mixed_precision_drift_months']:.3f} months on the parity radiographs"
+        )
     t = report["timing_ms"]
     print(
         f"timing (median ms): ONNX Runtime batch 1 {t['onnxruntime_batch1']:.1f}, batch 16 "
@@ -81,7 +86,14 @@ def verify(args: argparse.Namespace) -> int:
         return 2
     print(
         json.dumps(
-            {"path": str(model.path), "preprocessing": model.spec.model_dump(), **model.metadata}, indent=2, default=str
+            {
+                "path": str(model.path),
+                "preprocessing": model.spec.model_dump(),
+                **model.public_metadata(),
+                **model.calibration_summary(),
+            },
+            indent=2,
+            default=str,
         )
     )
     if args.image is None:

@@ -53,14 +53,14 @@ class IntervalModel:
             raise ValueError(f"an interval needs at least {MIN_PER_BAND} validation residuals, got {pred.size}")
         edges = list(BAND_EDGES)
         while True:  # Merge the smallest under-filled band into a neighbour until all are large enough.
-            band = np.searchsorted(edges, pred, side="right") - 1
+            band = np.clip(np.searchsorted(edges, pred, side="right") - 1, 0, None)  # below 0 → first band
             counts = np.bincount(band, minlength=len(edges))
             small = [i for i, c in enumerate(counts) if c < MIN_PER_BAND]
             if not small or len(edges) == 1:
                 break
             i = min(small, key=lambda j: counts[j])
             del edges[i if i > 0 else 1]  # Drop this band's lower edge (the first band absorbs the second).
-        band = np.searchsorted(edges, pred, side="right") - 1
+        band = np.clip(np.searchsorted(edges, pred, side="right") - 1, 0, None)
         groups = tuple(tuple(np.round(np.sort(resid[band == i]), 2).tolist()) for i in range(len(edges)))
         return cls(tuple(float(e) for e in edges), groups)
 

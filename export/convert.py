@@ -49,6 +49,26 @@ def load_run(run_dir: Path):
     return model, spec, config
 
 
+def float32_twin(model):
+    """The saved model computing in float32: the same layers and weights, cloned from the model itself.
+
+    A model trained with mixed precision keeps bfloat16 (or float16) convolutions, which ONNX Conv
+    and ONNX Runtime's CPU kernels do not take; the file computes in float32 instead. A float32
+    model is returned as it is.
+    """
+    import keras
+
+    if all(layer.dtype_policy.name == "float32" for layer in model.layers):
+        return model
+
+    def in_float32(layer):
+        return layer.__class__.from_config({**layer.get_config(), "dtype": "float32"})
+
+    twin = keras.models.clone_model(model, clone_function=in_float32)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
 def with_features(model):
     """The same model with a second output: its pooled image features (float32).
 
@@ -159,6 +179,8 @@ def training_summary(run_dir: Path) -> dict:
     """
     config = json.loads((run_dir / "config.json").read_text())
     summary = {k: config[k] for k in RECIPE_KEYS if k in config}
+    if summary.get("weights") not in (None, "none", "imagenet"):
+        summary["weights"] = f"file:{Path(summary['weights']).name}"  # a local weights file: its name only
     history = run_dir / "history.csv"
     rows = list(csv.DictReader(history.open())) if history.is_file() else []
     summary["epochs_trained"] = len(rows)
@@ -188,14 +210,27 @@ def calibrate(
         raise ExportError(f"calibration needs the run's labels: {labels} not found (pass --csv, or --no-calibration)")
     samples = data.read_labels(labels)[: config.get("limit")]
     image_dir = data.default_image_dir(labels) if csv_path or not config.get("images") else Path(config["images"])
-    if config.get("val_csv"):
-        raise ExportError("calibration from a separate --val-csv run is not supported yet (pass --no-calibration)")
-    train_s, val_s = data.stratified_split(samples, config["val_fraction"], config["seed"])
+    if config.get("val_csv"):  # The run validated on a separate labelled set, as the RSNA release comes.
+        val_labels = Path(config["val_csv"])
+        if not val_labels.is_file():
+            raise ExportError(f"calibration needs the run's validation labels: {val_labels} not found")
+        train_s, val_s = samples, data.read_labels(val_labels)
+        val_dir = Path(config["val_images"]) if config.get("val_images") else data.default_image_dir(val_labels)
+    else:
+        train_s, val_s = data.stratified_split(samples, config["val_fraction"], config["seed"])
+        val_dir = image_dir
+    recorded = json.loads((run_dir / "data.json").read_text()) if (run_dir / "data.json").is_file() else {}
+    if recorded and (recorded.get("train_count"), recorded.get("validation_count")) != (len(train_s), len(val_s)):
+        raise ExportError(
+            f"calibration: {labels} gives {len(train_s)} training and {len(val_s)} validation images, but the run "
+            f"trained on {recorded.get('train_count')} and validated on {recorded.get('validation_count')}: "
+            "not the run's labels, so validation residuals could come from training images"
+        )
     rng = np.random.default_rng(config["seed"])
     train_s = [train_s[i] for i in sorted(rng.permutation(len(train_s))[:train_count])]
 
-    def run(subset):
-        images = data.load_images(data.image_paths(subset, image_dir), spec, cache_dir)
+    def run(subset, folder):
+        images = data.load_images(data.image_paths(subset, folder), spec, cache_dir)
         sex, age = data.arrays(subset)
         months, features = [], []
         for i in range(0, len(subset), 32):
@@ -206,8 +241,8 @@ def calibrate(
             features.append(f)
         return np.concatenate(months), np.concatenate(features), age
 
-    val_pred, val_features, val_age = run(val_s)
-    _, train_features, _ = run(train_s)
+    val_pred, val_features, val_age = run(val_s, val_dir)
+    _, train_features, _ = run(train_s, image_dir)
     try:
         interval = IntervalModel.fit(val_pred, val_age)
         gate = FeatureGate.fit(train_features, val_features)
@@ -240,12 +275,16 @@ def export_run(
 
     if len(parity_images) < 16:
         raise ExportError(f"parity needs at least 16 real radiographs, got {len(parity_images)}")
-    model, spec, config = load_run(run_dir)
+    saved, spec, config = load_run(run_dir)
+    model = float32_twin(saved)
     images = np.stack([load_file(p, spec) for p in parity_images])
     sex = (np.arange(len(images)) % 2).astype(np.float32).reshape(-1, 1)
-    reference = predict_keras(model, images, sex)  # The saved model, as training left it.
+    reference = predict_keras(model, images, sex)
 
     report: dict = {"parity_images": len(images), "storage": {}}
+    if model is not saved:  # Trained in mixed precision: how far float32 moves its answers.
+        drift = float(np.abs(predict_keras(saved, images, sex) - reference).max())
+        report["mixed_precision_drift_months"] = drift
     fp32 = to_onnx(with_features(model), spec.input_size)
     candidates = {"float32": (fp32, PARITY_FP32_MONTHS)}
     if storage == "float16":
@@ -304,7 +343,9 @@ def export_run(
             "opset": OPSET,
         },
         "weights_storage": storage,
-        "parity": report["storage"][storage] | {"images": len(images)},
+        "parity": report["storage"][storage]
+        | {"images": len(images)}
+        | {k: v for k, v in report.items() if k == "mixed_precision_drift_months"},
         "intended_use": "Decision support and research; not a medical device.",
     }
     onnx.helper.set_model_props(chosen, encode_metadata(metadata) | {SPEC_KEY: spec.to_json()})

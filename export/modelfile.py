@@ -49,6 +49,32 @@ class ModelFile:
     gate: FeatureGate | None = None
     has_features: bool = False
 
+    def public_metadata(self) -> dict[str, Any]:
+        """The metadata without the calibration's raw statistics (hundreds of kB of residuals and arrays)."""
+        return {k: v for k, v in self.metadata.items() if k not in ("interval", "gate")}
+
+    def calibration_summary(self) -> dict[str, Any]:
+        """What the interval and gate are, in a few lines: method, sizes, bands and threshold."""
+        out: dict[str, Any] = {"interval": None, "gate": None}
+        if self.interval is not None:
+            raw = self.metadata["interval"]
+            out["interval"] = {
+                "method": raw.get("method"),
+                "validation_images": raw.get("validation_images"),
+                "max_level": round(self.interval.max_level(), 4),
+                "bands": self.interval.bands(),
+            }
+        if self.gate is not None:
+            raw = self.metadata["gate"]
+            out["gate"] = {
+                "method": raw.get("method"),
+                "threshold": self.gate.threshold,
+                "percentile": self.gate.percentile,
+                "components": int(self.gate.components.shape[0]),
+                "training_images": raw.get("training_images"),
+            }
+        return out
+
 
 def decode_metadata(props: dict[str, str]) -> dict[str, Any]:
     """ONNX metadata strings → values (our keys hold JSON), without the prefix."""

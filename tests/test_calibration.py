@@ -42,8 +42,10 @@ def test_intervals_are_narrower_where_the_model_errs_less_and_follow_its_bias():
 def test_sparse_bands_are_merged_and_levels_beyond_the_data_are_refused():
     rng = np.random.default_rng(2)
     pred = np.concatenate([rng.uniform(100, 150, 400), rng.uniform(0, 40, 10)])
+    pred[-1] = -3.0  # a linear output can answer just below zero for an infant
     model = IntervalModel.fit(pred, pred + rng.normal(0, 5, pred.size))
     assert all(len(r) >= MIN_PER_BAND for r in model.residuals)
+    assert sum(len(r) for r in model.residuals) == pred.size
     assert model.interval(5, 0.9)[0] >= 0  # never a negative bone age
     with pytest.raises(ValueError, match="outside"):
         model.interval(120, 0.999)

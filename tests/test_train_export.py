@@ -65,6 +65,7 @@ def test_resume_continues_from_the_last_checkpoint(tiny_run, tmp_path):
     )
     rows = list(csv.DictReader((run / "history.csv").open()))
     assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2  # what the run was asked for last
     # best.keras is replaced only if the resumed epoch beat the best before the stop.
     improved = float(rows[1]["val_loss"]) < float(rows[0]["val_loss"])
     assert ((run / "best.keras").read_bytes() != (tiny_run / "best.keras").read_bytes()) == improved
@@ -218,17 +219,19 @@ def test_export_converts_the_saved_model_not_one_rebuilt_from_code(tiny_run, tmp
     np.testing.assert_allclose(got, expected, atol=0.05)
 
 
-def test_progressive_resizing_with_the_new_recipe_resumes_and_the_file_tells_the_truth(tiny_run, tmp_path):
-    """--init from a smaller run, Huber + AdamW + cosine, a resume that extends it: config and metadata follow."""
+def test_progressive_resizing_with_the_new_recipe_and_the_file_tells_the_truth(tiny_run, tmp_path):
+    """--init from a smaller run, Huber + AdamW + cosine; a resume cannot stretch a finished cosine schedule."""
     from export.convert import export_run
 
     run = tmp_path / "stage2"
     common = ["--workers", "1", "--cache-dir", str(tmp_path / "cache")]
     recipe = ["--loss", "huber", "--optimizer", "adamw", "--schedule", "cosine", "--warmup-epochs", "0.5"]
     first = ["--csv", str(THUMBNAILS_CSV), "--run-dir", str(run), "--input-size", "80", "--batch-size", "8"]
-    init = ["--init", str(tiny_run / "best.keras"), "--val-fraction", "0.2", "--epochs", "1"]
-    assert train.main(first + init + recipe + common) == 0
-    assert train.main(["--run-dir", str(run), "--resume", "--epochs", "2", *common]) == 0
+    weights = tmp_path / "xception_notop.weights.h5"  # a local file's path must not reach the model file
+    init = ["--init", str(tiny_run / "best.keras"), "--val-fraction", "0.2", "--epochs", "2"]
+    assert train.main([*first, *init, *recipe, *common, "--weights", str(weights)]) == 0
+    with pytest.raises(SystemExit, match="cosine schedule was planned for 2 epochs"):
+        train.main(["--run-dir", str(run), "--resume", "--epochs", "3", *common])
 
     config = json.loads((run / "config.json").read_text())
     assert config["epochs"] == 2 and config["loss"] == "huber" and config["schedule"] == "cosine"
@@ -238,5 +241,27 @@ def test_progressive_resizing_with_the_new_recipe_resumes_and_the_file_tells_the
     report = export_run(run, out, images, "float16", timing_repeats=1, calibration=False)
     summary = report["metadata"]["training_config"]
     assert summary["epochs_trained"] == 2 and summary["input_size"] == 80 and summary["optimizer"] == "adamw"
+    assert summary["weights"] == "file:xception_notop.weights.h5"
     assert summary["init_from"]["run"] == "tiny" and summary["init_from"]["epochs_trained"] == 1
     assert str(tmp_path) not in json.dumps(report["metadata"])  # no path of the training machine
+
+
+def test_a_mixed_precision_run_exports_to_a_float32_file(tmp_path):
+    """bfloat16 convolutions are not ONNX Runtime CPU kernels: the file computes the saved model in float32."""
+    from export.convert import export_run
+
+    run = tmp_path / "mixed"
+    args = ["--csv", str(THUMBNAILS_CSV), "--run-dir", str(run), "--input-size", "71", "--epochs", "1"]
+    args += ["--batch-size", "8", "--val-fraction", "0.2", "--workers", "1", "--mixed-precision"]
+    args += ["--cache-dir", str(tmp_path / "cache")]
+    try:
+        assert train.main(args) == 0
+    finally:
+        import keras
+
+        keras.mixed_precision.set_global_policy("float32")
+    images = sorted(THUMBNAILS.glob("*.png"))[:16]
+    report = export_run(run, tmp_path / "mixed.onnx", images, "float16", timing_repeats=1, calibration=False)
+    assert report["storage"]["float32"]["max_abs_diff_months"] <= 0.05
+    assert 0 <= report["mixed_precision_drift_months"] < 2.0
+    assert report["metadata"]["training_config"]["mixed_precision"] is True

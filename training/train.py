@@ -49,7 +49,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--square", choices=["stretch", "pad"], default="stretch")
     p.add_argument("--weights", default="none", help="imagenet | none | PATH to Xception notop weights")
     p.add_argument("--init", type=Path, help="start from this .keras model's weights (progressive resizing)")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, help="default 20; with --resume, the run's own count")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument(
@@ -173,6 +173,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not (run / "last.keras").is_file():
             raise SystemExit(f"--resume: no checkpoint at {run / 'last.keras'}")
         saved = json.loads((run / "config.json").read_text())
+        if args.epochs is None:
+            args.epochs = saved["epochs"]
+        elif saved.get("schedule") == "cosine" and args.epochs > saved["epochs"]:
+            raise SystemExit(
+                f"--resume: this run's cosine schedule was planned for {saved['epochs']} epochs and cannot be "
+                f"extended to {args.epochs} (its learning rate is 0 past the end); start a new run with "
+                f"--init {run / 'best.keras'}"
+            )
         keep = {"resume", "epochs", "run_dir", "workers", "cache_dir"}
         for key, value in saved.items():
             if key not in keep and key in vars(args):
@@ -180,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 setattr(args, key, Path(value) if is_path else value)
     elif run.exists() and any(run.iterdir()):
         raise SystemExit(f"{run} is not empty: pass --resume to continue it, or choose another --run-dir")
+    if args.epochs is None:
+        args.epochs = 20
     run.mkdir(parents=True, exist_ok=True)
 
     # Setup.
