@@ -90,8 +90,9 @@ class Batcher:
     def depth(self) -> int:
         return self.queue.qsize()
 
-    #: Restarts after an unexpected failure of the loop itself; beyond it the batcher stays down
-    #: (``alive`` is False, so readiness fails and an orchestrator replaces the process).
+    #: Restarts in a row (a served batch resets the count) after an unexpected failure of the loop
+    #: itself; beyond it the batcher stays down: ``alive`` is False, so readiness and liveness fail
+    #: and an orchestrator replaces the process.
     MAX_RESTARTS = 5
 
     def start(self) -> None:
@@ -118,9 +119,13 @@ class Batcher:
                 self.restarts += 1
                 log.exception("batcher loop failed (restart %d of %d)", self.restarts, self.MAX_RESTARTS)
                 if self.restarts > self.MAX_RESTARTS:
-                    log.error("batcher stopped after %d restarts: the service is no longer ready", self.MAX_RESTARTS)
+                    log.error(
+                        "batcher stopped after %d failed restarts in a row: the service is neither ready nor live",
+                        self.MAX_RESTARTS,
+                    )
                     self._fail_queued(BatchFailed("the batcher stopped"))
                     return
+                await asyncio.sleep(min(0.01 * 2**self.restarts, 1.0))  # a persistent fault: back off
 
     def _fail_queued(self, exc: Exception) -> None:
         while not self.queue.empty():
@@ -155,7 +160,18 @@ class Batcher:
         return await asyncio.wait_for(item.future, timeout)  # Cancels the future on timeout.
 
     async def _collect(self) -> list[_Item]:
-        batch = [await self.queue.get()]
+        batch: list[_Item] = []
+        try:
+            return await self._fill(batch)
+        except BaseException as exc:  # Whoever was taken off the queue is answered, not left waiting.
+            failure = BatchFailed(f"batch collection failed: {exc!r}")
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(failure)
+            raise
+
+    async def _fill(self, batch: list[_Item]) -> list[_Item]:
+        batch.append(await self.queue.get())
         deadline = time.monotonic() + self.max_wait_s
         while len(batch) < self.max_batch_size:
             try:
@@ -195,5 +211,6 @@ class Batcher:
             for item, value in zip(batch, results, strict=True):
                 if not item.future.done():
                     item.future.set_result(value)
+            self.restarts = 0
             if self.on_batch:
                 self.on_batch(len(batch), [started - i.enqueued for i in batch], time.monotonic() - started)

@@ -55,6 +55,20 @@ class Settings(BaseSettings):
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
 
+    @property
+    def max_body_bytes(self) -> dict[str, int]:
+        """Largest request body per prediction endpoint: the image's limit plus its wrapping.
+
+        Multipart adds form framing; JSON adds base64's 4/3 and the fields around it. The door
+        (``app.admission``) refuses beyond these, and multipart parts are kept in memory up to the
+        larger one, so whatever the door lets in never reaches the disk.
+        """
+        framing = 64 * 1024
+        return {
+            "/v1/bone-age": self.max_upload_bytes + framing,
+            "/v1/bone-age/json": self.max_upload_bytes * 4 // 3 + framing,
+        }
+
 
 @lru_cache
 def get_settings() -> Settings:

@@ -96,7 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     _configure_logging(settings.log_level)
     # Keep multipart uploads in memory up to the upload limit: images are never written to disk.
-    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, settings.max_upload_bytes + 1)
+    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, max(settings.max_body_bytes.values()) + 1)
 
     app = FastAPI(
         title="Pediatric bone age",
@@ -124,12 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         in_flight=app.state.metrics.in_flight,
         refused=app.state.metrics.refused,
         api_key=settings.api_key,
-        # The image's own limit is checked by the endpoint; the body may add form framing (multipart)
-        # or base64's 4/3 and the JSON around it.
-        max_body={
-            "/v1/bone-age": settings.max_upload_bytes + 64 * 1024,
-            "/v1/bone-age/json": settings.max_upload_bytes * 4 // 3 + 64 * 1024,
-        },
+        max_body=settings.max_body_bytes,  # the image's own limit is checked by the endpoint
     )
 
     @app.middleware("http")

@@ -208,6 +208,7 @@ def test_when_the_batcher_stops_for_good_readiness_fails_and_requests_get_503_at
         time.sleep(0.01)
     ready = client.get("/readyz")
     assert ready.status_code == 503 and "batcher" in ready.json()["detail"]
+    assert client.get("/healthz").status_code == 503  # liveness too: an orchestrator replaces the process
     started = time.monotonic()
     response = client.post("/v1/bone-age", **post)
     assert response.status_code == 503 and time.monotonic() - started < 2

@@ -134,18 +134,22 @@ async def test_a_failure_outside_the_model_call_is_logged_and_the_batcher_restar
     model = GatedModel()
     model.release.set()
     batcher = Batcher(model, max_batch_size=4, max_wait_s=0.001)
-    collect = batcher._collect
-    failures = iter([RuntimeError("injected failure while collecting")])
+    fill = batcher._fill
+    calls = []
 
-    async def flaky_collect():
-        for exc in failures:
-            raise exc
-        return await collect()
+    async def flaky_fill(batch):
+        calls.append(1)
+        if len(calls) == 1:  # the failure strikes with a request in hand
+            batch.append(await batcher.queue.get())
+            raise RuntimeError("injected failure while collecting")
+        return await fill(batch)
 
-    monkeypatch.setattr(batcher, "_collect", flaky_collect)
+    monkeypatch.setattr(batcher, "_fill", flaky_fill)
     batcher.start()
+    with pytest.raises(BatchFailed, match="collection failed"):  # answered at once, not at its deadline
+        await asyncio.wait_for(batcher.submit(image(3), 0.0), 2)
     assert await asyncio.wait_for(batcher.submit(image(7), 0.0), 2) == 7.0
-    assert batcher.alive and batcher.restarts == 1
+    assert batcher.alive and batcher.restarts == 0  # a served batch resets the count
     assert any(r.levelname == "ERROR" and "batcher loop failed" in r.getMessage() for r in caplog.records)
     await asyncio.wait_for(batcher.stop(), 2)
 

@@ -54,7 +54,7 @@ ERRORS = {
         400: "The image cannot be read (not an image, truncated, blank, bad base64).",
         401: "Missing or wrong X-API-Key (only when the service requires one).",
         413: "Upload or image larger than the service accepts.",
-        415: "A real image in a format the service does not read (GIF, compressed DICOM…).",
+        415: "A real image in a format the service does not read (GIF, colour DICOM, 12-bit JPEG Extended DICOM).",
         422: "Invalid or missing field (e.g. sex, when the image does not carry it); or, with problem type "
         f"`{quality.PROBLEM_TYPE}`, an image the model cannot rate (a photograph, or unlike the children's hand "
         "radiographs it was trained on).",

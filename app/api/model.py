@@ -14,6 +14,7 @@ router = APIRouter()
 async def model_info(runtime: RuntimeDep) -> ModelInfo:
     """The served model: metadata from its file, input size, execution providers and batching."""
     s, f = runtime.settings, runtime.model.file
+    calibration = f.calibration_summary()
     return ModelInfo(
         name=f.name,
         version=f.version,
@@ -26,23 +27,7 @@ async def model_info(runtime: RuntimeDep) -> ModelInfo:
             queue_size=s.queue_size,
             request_timeout_s=s.request_timeout_s,
         ),
-        metadata={k: v for k, v in f.metadata.items() if k not in ("interval", "gate")},
-        interval=None
-        if f.interval is None
-        else {
-            "level": s.interval_level,
-            "method": f.metadata["interval"].get("method"),
-            "validation_images": f.metadata["interval"].get("validation_images"),
-            "bands": f.interval.bands(),
-        },
-        gate=None
-        if f.gate is None
-        else {
-            "method": f.metadata["gate"].get("method"),
-            "threshold": f.gate.threshold,
-            "percentile": f.gate.percentile,
-            "components": int(f.gate.components.shape[0]),
-            "training_images": f.metadata["gate"].get("training_images"),
-            "action": s.out_of_distribution,
-        },
+        metadata=f.public_metadata(),
+        interval=None if f.interval is None else {"level": s.interval_level, **calibration["interval"]},
+        gate=None if f.gate is None else {**calibration["gate"], "action": s.out_of_distribution},
     )

@@ -11,9 +11,15 @@ from app.schemas import Health
 router = APIRouter()
 
 
-@router.get("/healthz", response_model=Health, tags=["operations"])
-async def healthz() -> Health:
-    """Liveness: the process is up and answering."""
+@router.get("/healthz", response_model=Health, tags=["operations"], responses={503: {"model": Health}})
+async def healthz(request: Request):
+    """Liveness: the process is up and answering, and its batcher has not given up."""
+    runtime = getattr(request.app.state, "runtime", None)
+    if runtime is not None and runtime.ready and not runtime.batcher.alive:
+        return JSONResponse(
+            Health(status="not ready", detail="the batcher has stopped after repeated failures").model_dump(),
+            status_code=503,
+        )
     return Health(status="ok")
 
 
