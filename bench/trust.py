@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -194,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     negatives_in = packaged() + made_from_hands(hands)
     env = {"BONEAGE_MODEL_PATH": str(args.model), "BONEAGE_OUT_OF_DISTRIBUTION": "warn"}
+    log = Path(tempfile.mkdtemp(prefix="bench-trust-")) / "service.log"
     with (
-        running("app.main:app", args.out / "service.log", env) as (url, _),
+        running("app.main:app", log, env) as (url, _),
         httpx.Client(base_url=url, timeout=120) as client,
     ):
         info = client.get("/v1/model").json()
