@@ -165,15 +165,31 @@ def sweep(url: str, uploads, levels: list[int], duration: float, batch_metrics: 
     return rows
 
 
-def ratios(limit: dict, service: list[dict], per_request: list[dict]) -> dict:
+def half_peak_open_loop(url: str, uploads, service: list[dict], duration: float) -> dict:
+    """p99 with requests *arriving* at half the peak throughput (open loop), the latency users see
+    at a moderate load; a closed-loop row would only slow its clients down instead."""
+    rate = max(r["throughput"] for r in service) / 2
+    result = load.open_loop(url, uploads, rate, duration)
+    row = {
+        "rate": rate,
+        "sent": result.sent,
+        "throughput": result.throughput,
+        "p50_ms": result.percentile(50),
+        "p99_ms": result.percentile(99),
+        "errors": result.errors,
+    }
+    print(f"  open loop at {rate:.1f}/s: p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms", flush=True)
+    return row
+
+
+def ratios(limit: dict, service: list[dict], per_request: list[dict], half: dict) -> dict:
     peak = max(service, key=lambda r: r["throughput"])
-    half = next(r for r in service if r["throughput"] >= peak["throughput"] / 2)
     lone = service[0]
     return {
         "service_peak": peak,
         "service_vs_limit": peak["throughput"] / limit["pipeline_images_per_s"],
         "service_vs_per_request": peak["throughput"] / max(r["throughput"] for r in per_request),
-        "half_peak_row": half,
+        "half_peak_open_loop": half,
         "p99_half_peak_vs_lone": half["p99_ms"] / lone["p50_ms"],
     }
 
@@ -241,8 +257,8 @@ def report(results: dict, command: str) -> str:
         f"{mark[ok['service_vs_limit']]} |",
         f"| service peak / per-request peak | {r['service_vs_per_request']:.1f}× | ≥ "
         f"{TARGETS['service_vs_per_request']:g}× | {mark[ok['service_vs_per_request']]} |",
-        f"| p99 at half of peak ({r['half_peak_row']['concurrency']} clients) / lone request p50 | "
-        f"{r['p99_half_peak_vs_lone']:.2f} ({r['half_peak_row']['p99_ms']:.0f} vs "
+        f"| p99 with arrivals at half the peak ({r['half_peak_open_loop']['rate']:.1f}/s, open loop) / lone "
+        f"request p50 | {r['p99_half_peak_vs_lone']:.2f} ({r['half_peak_open_loop']['p99_ms']:.0f} vs "
         f"{results['service'][0]['p50_ms']:.0f} ms) | ≤ {TARGETS['p99_half_peak_vs_lone']:g} | "
         f"{mark[ok['p99_half_peak_vs_lone']]} |",
         "",
@@ -344,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     print("service", flush=True)
     with server.running("app.main:app", logs / "service.log", env) as (url, _):
         results["service"] = sweep(url, halfres, levels, args.duration, True)
+        results["half_peak_open_loop"] = half_peak_open_loop(url, halfres, results["service"], args.duration)
         if fullres:
             results["resolution"] = []
             for name, images in (("half-resolution", halfres), ("full-resolution", fullres)):
@@ -367,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
                 row = sweep(url, halfres, [c], args.duration / 2, True)[0]
             results["settings"].append({"max_batch_size": batch, "max_wait_ms": wait, **row})
 
-    results["ratios"] = ratios(results["limit"], results["service"], results["per_request"])
+    results["ratios"] = ratios(
+        results["limit"], results["service"], results["per_request"], results["half_peak_open_loop"]
+    )
     results["wall_minutes"] = (time.perf_counter() - started) / 60
     command = "python -m bench" + (" --quick" if args.quick else "")
     (args.out / "benchmarks.json").write_text(json.dumps(results, indent=2, default=str) + "\n")

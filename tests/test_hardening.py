@@ -3,14 +3,12 @@ injected faults and privacy. Every request gets a clear answer and the service k
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
 import os
 import struct
 import tempfile
-import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,51 +263,6 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def _open_loop(url: str, uploads, rate: float, seconds: float, pid: int) -> dict:
-    """Fire requests at a fixed rate (regardless of answers) and count how each was answered."""
-    statuses: dict[int, int] = {}
-    retry_after_missing = 0
-    rss: list[float] = []
-    failures: dict[str, int] = {}
-    # Each arrival on its own connection, as from independent clients. With keep-alive reuse, four
-    # of seven 60 s runs on this 2-core machine saw stalls of 14–99 s before requests reached the
-    # app (in the worst run the server's log has every request answered within 1.3 s of reaching
-    # it); one connection per request had none in four runs. Open finding: docs/reliability.md.
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=0)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
-        forms = load.encoded(uploads)
-
-        async def one(i: int) -> None:
-            nonlocal retry_after_missing
-            body, headers = forms[i % len(forms)]
-            try:
-                r = await client.post("/v1/bone-age", content=body, headers=headers)
-                status = r.status_code
-                if status == 503 and "retry-after" not in r.headers:
-                    retry_after_missing += 1
-            except httpx.HTTPError as exc:
-                status = 0
-                failures[type(exc).__name__] = failures.get(type(exc).__name__, 0) + 1
-            statuses[status] = statuses.get(status, 0) + 1
-
-        tasks, start, i = [], time.monotonic(), 0
-        while (now := time.monotonic() - start) < seconds:
-            while i < int(now * rate):
-                tasks.append(asyncio.create_task(one(i)))
-                i += 1
-            if now >= 0.5 * len(rss):  # One memory sample every half second.
-                rss.append(_rss_mb(pid))
-            await asyncio.sleep(0.005)
-        await asyncio.gather(*tasks)
-    return {
-        "sent": i,
-        "statuses": statuses,
-        "failures": failures,
-        "retry_after_missing": retry_after_missing,
-        "rss_mb": rss,
-    }
-
-
 @pytest.mark.slow
 def test_overload_at_twice_capacity_for_a_minute(tmp_path, bundled_model):
     seconds = float(os.environ.get("BONEAGE_OVERLOAD_SECONDS", "60"))
@@ -321,29 +274,32 @@ def test_overload_at_twice_capacity_for_a_minute(tmp_path, bundled_model):
     with server.running("app.main:app", tmp_path / "uvicorn.log", env) as (url, proc):
         capacity = load.closed_loop(url, uploads, 8, 5).throughput
         rss_before = _rss_mb(proc.pid)
-        result = asyncio.run(_open_loop(url, uploads, 2 * capacity, seconds, proc.pid))
+        rss: list[float] = []
+        result = load.open_loop(url, uploads, 2 * capacity, seconds, tick=lambda: rss.append(_rss_mb(proc.pid)))
         after = load.closed_loop(url, uploads, 8, 5)
         rss_after = _rss_mb(proc.pid)
     figures = {
         "capacity_per_s": round(capacity, 1),
         "rate_per_s": round(2 * capacity, 1),
         "seconds": seconds,
-        **result,
+        "sent": result.sent,
+        "statuses": result.statuses,
+        "failures": result.failures,
         "rss_before_mb": round(rss_before),
-        "rss_peak_mb": round(max(result["rss_mb"], default=0)),
+        "rss_peak_mb": round(max(rss, default=0)),
         "rss_after_mb": round(rss_after),
+        "rss_samples": len(rss),
         "throughput_after_per_s": round(after.throughput, 1),
     }
-    figures["rss_samples"] = len(figures.pop("rss_mb"))
     print("overload figures:", json.dumps(figures))
-    answered = sum(result["statuses"].values())
-    assert answered == result["sent"]  # Every request is accounted for...
+    answered = sum(result.statuses.values())
+    assert answered == result.sent  # Every request is accounted for...
     # ...every one got an HTTP answer (status 0 would be a connection-level failure, named in
     # "failures"), and every answer is of a documented kind.
-    assert set(result["statuses"]) <= {200, 503, 504}, result
-    assert result["statuses"].get(503, 0) > 0 and result["retry_after_missing"] == 0
-    assert result["statuses"].get(200, 0) > 0.5 * capacity * seconds  # It kept serving at capacity.
-    last_third = result["rss_mb"][-max(1, len(result["rss_mb"]) // 3) :]
+    assert set(result.statuses) <= {200, 503, 504}, figures
+    assert result.statuses.get(503, 0) > 0 and result.retry_after_missing == 0
+    assert result.statuses.get(200, 0) > 0.5 * capacity * seconds  # It kept serving at capacity.
+    last_third = rss[-max(1, len(rss) // 3) :]
     assert figures["rss_peak_mb"] < rss_before + 600  # Memory stays bounded by the queue...
     assert max(last_third) - min(last_third) < 100  # ...and is flat by the end, not still growing.
     assert after.errors == 0 and after.throughput > 0.7 * capacity  # And it recovers.
