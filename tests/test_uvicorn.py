@@ -108,6 +108,17 @@ def read_response(sock: socket.socket) -> tuple[str, dict]:
     return head.decode(), json.loads(body)
 
 
+def declared_but_unsent(port: int, path: str, content_type: str, length: int, headers: bytes = b"") -> tuple[str, dict]:
+    """Send only the head of a request that declares ``length`` body bytes; return the answer to it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n".encode()
+            + headers
+            + f"Content-Length: {length}\r\n\r\n".encode()
+        )
+        return read_response(sock)
+
+
 def multipart(image: bytes, sex: str, boundary: str = "b0undary") -> tuple[bytes, bytes]:
     """(request head, body) of a multipart bone-age request, for clients that send it in pieces."""
     part = f'--{boundary}\r\nContent-Disposition: form-data; name="sex"\r\n\r\n{sex}\r\n'
@@ -134,12 +145,7 @@ def test_when_full_a_request_is_refused_at_the_door_before_its_upload_is_read(tm
                 time.sleep(0.05)
             # The second request declares 20 MB but sends none of it: refused without reading it.
             started = time.monotonic()
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as eager:
-                eager.sendall(
-                    b"POST /v1/bone-age/json HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: 20000000\r\n\r\n"
-                )
-                refused, problem = read_response(eager)
+            refused, problem = declared_but_unsent(port, "/v1/bone-age/json", "application/json", 20_000_000)
             assert time.monotonic() - started < 2
             assert refused.startswith("HTTP/1.1 503") and "retry-after: 1" in refused.lower(), refused
             assert "content-type: application/problem+json" in refused.lower()
@@ -162,13 +168,9 @@ def test_with_an_api_key_a_request_without_it_is_refused_before_its_upload_is_re
     with running_service(tmp_path, model_path=bundled_model, queue_size=1, api_key="s3cret") as (url, _, _):
         port = int(url.rsplit(":", 1)[1])
         for key in (b"", b"X-API-Key: wrong\r\n"):
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-                sock.sendall(
-                    b"POST /v1/bone-age HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                    + key
-                    + b"Content-Length: 20000000\r\n\r\n"
-                )
-                head, problem = read_response(sock)
+            head, problem = declared_but_unsent(
+                port, "/v1/bone-age", "multipart/form-data; boundary=b", 20_000_000, key
+            )
             assert head.startswith("HTTP/1.1 401") and "www-authenticate: apikey" in head.lower(), head
             assert problem["status"] == 401 and "X-API-Key" in problem["detail"]
         ok = httpx.post(
@@ -255,12 +257,7 @@ def test_an_oversize_upload_is_refused_at_the_door(tmp_path, bundled_model):
         port = int(url.rsplit(":", 1)[1])
         # Declared 100 MB, none of it sent: answered at once.
         started = time.monotonic()
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-            sock.sendall(
-                b"POST /v1/bone-age HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                b"Content-Length: 100000000\r\n\r\n"
-            )
-            head, problem = read_response(sock)
+        head, problem = declared_but_unsent(port, "/v1/bone-age", "multipart/form-data; boundary=b", 100_000_000)
         assert time.monotonic() - started < 2
         assert head.startswith("HTTP/1.1 413") and "100,000,000 bytes" in problem["detail"], head
         # Chunked, no length: refused once the bytes that arrived pass the limit, not at the end.
