@@ -54,6 +54,9 @@ class DecodedImage:
     #: How colourful the file was before it became grey (Hasler & Süsstrunk's metric, 0–255
     #: scale; ~0 for a grey picture saved as RGB, ~15 and up for a photograph); None for grey files.
     colourfulness: float | None = None
+    #: (height, width) of the picture inside its uniform borders, set by preprocessing
+    #: (``radiograph.load_model_input``): how the hand is framed, before it is squared.
+    content_shape: tuple[int, int] | None = None
 
 
 def sniff_format(data: bytes) -> Literal["png", "jpeg", "dicom"]:

@@ -118,13 +118,23 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
-def preprocess(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """``(H, W)`` decoded radiograph → ``(S, S, 3) float32`` in [-1, 1]."""
+def content(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """``(H, W)`` decoded radiograph → the normalised picture inside its uniform borders (what gets squared)."""
     if pixels.ndim != 2 or min(pixels.shape) < 1:
         raise EmptyImage("The image has no pixels.")
     image = robust_normalize(pixels, spec.low_percentile, spec.high_percentile)
     if spec.crop_borders:
         image = crop_uniform_borders(image, spec.border_tolerance)
+    return image
+
+
+def preprocess(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """``(H, W)`` decoded radiograph → ``(S, S, 3) float32`` in [-1, 1]."""
+    return to_model_input(content(pixels, spec), spec)
+
+
+def to_model_input(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """The picture inside its borders (:func:`content`) → ``(S, S, 3) float32`` in [-1, 1]."""
     h, w = image.shape
     if max(h, w) > MAX_ASPECT_RATIO * min(h, w):
         raise ImplausibleImage(
@@ -139,9 +149,11 @@ def preprocess(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 def load_model_input(
     data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[np.ndarray, DecodedImage]:
-    """Raw file bytes → (model input tensor, decoded image with its DICOM facts)."""
+    """Raw file bytes → (model input tensor, decoded image with its DICOM facts and content shape)."""
     decoded = decode(data, max_pixels=max_pixels)
-    return preprocess(decoded.pixels, spec), decoded
+    image = content(decoded.pixels, spec)
+    decoded.content_shape = image.shape
+    return to_model_input(image, spec), decoded
 
 
 def load_file(path: str | Path, spec: PreprocessSpec) -> np.ndarray:

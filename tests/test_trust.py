@@ -110,3 +110,21 @@ def test_a_model_file_without_calibration_is_served_and_says_so_once(make_client
 def test_a_level_beyond_what_the_calibration_supports_stops_the_start_with_the_reason(make_client, calibrated_onnx):
     with pytest.raises(RuntimeError, match="more than this model's calibration supports"):
         make_client(model_path=calibrated_onnx, interval_level=0.999)
+
+
+@pytest.mark.parametrize("case", ["rotated 90°", "fingers only", "side by side"])
+def test_a_hand_on_its_side_cropped_to_the_fingers_or_doubled_is_refused_before_the_model(client, case):
+    from bench.negatives import made_from_hands
+
+    made = dict(made_from_hands([SMALL_DICOM, HALFRES_PNG]))
+    name = next(n for n in made if case in n)  # the DICOM's hand: 0.75 wide for 1 high, 1.33 on its side
+    response = post(client, made[name], "hand.png")
+    assert response.status_code == 422 and response.json()["type"] == OOD, name
+    assert "as wide as it is tall" in response.json()["detail"]
+
+
+def test_the_real_hands_in_the_fixtures_pass_the_file_checks(client):
+    from tests.conftest import HOSPITAL_JPEG
+
+    for path in (HALFRES_PNG, HOSPITAL_JPEG, SMALL_DICOM):
+        assert post(client, path.read_bytes(), path.name).json()["warnings"] == [], path.name
