@@ -105,6 +105,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
+        # operationId = the route function's name (bone_age, model_info…): generated clients get
+        # short, stable names (client.api.bone_age.bone_age) instead of path-derived ones.
+        generate_unique_id_function=lambda route: route.name,
     )
     app.state.settings = settings
     app.state.metrics = Metrics()

@@ -2,27 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from app.assessment import RULE, Classification
 
-SexIn = Literal["male", "female", "M", "F", "m", "f", "Male", "Female", "MALE", "FEMALE"]
 Sex = Literal["male", "female"]
 MAX_AGE_MONTHS = 300.0
+_SEX_SPELLINGS = {"male": "male", "m": "male", "female": "female", "f": "female"}
 
 
-def normalise_sex(value: str | None) -> Sex | None:
-    """'male'/'female'/'M'/'F' in any case → 'male'/'female'; None stays None."""
-    if value is None:
-        return None
-    key = value.strip().lower()
-    if key in ("male", "m"):
-        return "male"
-    if key in ("female", "f"):
-        return "female"
-    raise ValueError("sex must be 'male', 'female', 'M' or 'F'")
+def canonical_sex(value: object) -> object:
+    """'M', 'f', 'Male', ' FEMALE '… → 'male'/'female'; anything else is left for validation to reject.
+
+    The schema advertises only the two canonical values: client generators turn enum values into
+    identifiers, and case variants ('M'/'m') collide there. Validation still accepts the variants
+    that DICOM (PatientSex 'M'/'F') and people write.
+    """
+    if isinstance(value, str):
+        return _SEX_SPELLINGS.get(value.strip().lower(), value)
+    return value
+
+
+#: Request-side sex: canonical in the OpenAPI document, forgiving in validation.
+SexIn = Annotated[Sex, BeforeValidator(canonical_sex)]
 
 
 class BoneAgeJsonRequest(BaseModel):
@@ -36,7 +40,9 @@ class BoneAgeJsonRequest(BaseModel):
     )
 
     image: str = Field(..., min_length=1, description="PNG, JPEG or DICOM file, base64-encoded.")
-    sex: SexIn | None = Field(None, description="male/female (or M/F); optional when a DICOM carries PatientSex.")
+    sex: SexIn | None = Field(
+        None, description="male or female (M/F and other cases accepted); optional when a DICOM carries PatientSex."
+    )
     chronological_age_months: float | None = Field(
         None, gt=0, le=MAX_AGE_MONTHS, description="Child's age; optional, taken from a DICOM when absent."
     )

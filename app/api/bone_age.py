@@ -24,8 +24,8 @@ from app.schemas import (
     Interval,
     ModelRef,
     Problem,
+    Sex,
     SexIn,
-    normalise_sex,
 )
 from radiograph import DecodedImage, load_model_input
 
@@ -64,10 +64,9 @@ ERRORS = {
 }
 
 
-def _patient_facts(decoded: DecodedImage, sex: str | None, age: float | None):
+def _patient_facts(decoded: DecodedImage, requested: Sex | None, age: float | None):
     """Sex and age from the request, else from the DICOM; notes say what was ignored and why."""
     notes = list(decoded.notes)
-    requested = normalise_sex(sex)
     if requested:
         used_sex, sex_source = requested, "request"
         if decoded.sex and decoded.sex != requested:
@@ -90,7 +89,7 @@ def _patient_facts(decoded: DecodedImage, sex: str | None, age: float | None):
 
 
 async def _assess(
-    runtime: Runtime, request: Request, data: bytes, sex: str | None, age: float | None
+    runtime: Runtime, request: Request, data: bytes, sex: Sex | None, age: float | None
 ) -> BoneAgeResponse:
     """Shared by both endpoints: decode + preprocess in the pool, batch, assess."""
     settings = runtime.settings
@@ -159,8 +158,16 @@ def _refuse_if(findings: list[str], runtime: Runtime) -> None:
 async def bone_age(
     runtime: RuntimeDep,
     request: Request,
-    image: Annotated[UploadFile, File(description="Hand radiograph: PNG, JPEG or DICOM.")],
-    sex: Annotated[SexIn | None, Form(description="male/female or M/F; optional for a DICOM with PatientSex.")] = None,
+    image: Annotated[
+        UploadFile,
+        # OpenAPI 3.1 says "binary" with contentMediaType alone; generated clients (openapi-python-client,
+        # openapi-generator) only send a file part when the property also says format: binary.
+        File(description="Hand radiograph: PNG, JPEG or DICOM.", json_schema_extra={"format": "binary"}),
+    ],
+    sex: Annotated[
+        SexIn | None,
+        Form(description="male or female (M/F and other cases accepted); optional for a DICOM with PatientSex."),
+    ] = None,
     chronological_age_months: Annotated[
         float | None, Form(gt=0, le=MAX_AGE_MONTHS, description="Optional; read from a DICOM if absent.")
     ] = None,
