@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from app import assessment, quality
 from app.api.deps import RuntimeDep
 from app.batching import BatchFailed
+from app.formats import fhir
 from app.inference import Prediction
 from app.problems import ProblemError
 from app.runtime import Runtime
@@ -48,7 +50,7 @@ def content_type(expected: str):
     return Depends(check)
 
 
-ERRORS = {
+ERRORS: dict = {
     status: {"model": Problem, "content": {"application/problem+json": {}}, "description": text}
     for status, text in {
         400: "The image cannot be read (not an image, truncated, blank, bad base64).",
@@ -62,6 +64,25 @@ ERRORS = {
         504: "The request waited longer than the service's deadline.",
     }.items()
 }
+ANSWERS = {
+    **ERRORS,
+    200: {
+        "description": "The bone age; as a FHIR R4 Observation (LOINC 85151-9) with `Accept: application/fhir+json` "
+        "or `?format=fhir`.",
+        "content": {fhir.MEDIA_TYPE: {"schema": {"type": "object", "description": "FHIR Observation"}}},
+    },
+}
+FormatQuery = Annotated[
+    Literal["json", "fhir"],
+    Query(description="`fhir`: answer with a FHIR Observation (as does `Accept: application/fhir+json`)."),
+]
+
+
+def _answer(answer: BoneAgeResponse, request: Request, format_: str) -> BoneAgeResponse | JSONResponse:
+    """The plain answer, or the same answer as a FHIR Observation when the client asks for one."""
+    if format_ == "fhir" or fhir.MEDIA_TYPE in request.headers.get("accept", ""):
+        return JSONResponse(fhir.observation(answer), media_type=fhir.MEDIA_TYPE)
+    return answer
 
 
 def _patient_facts(decoded: DecodedImage, requested: Sex | None, age: float | None):
@@ -153,7 +174,7 @@ def _refuse_if(findings: list[str], runtime: Runtime) -> None:
 
 
 @router.post(
-    "/bone-age", response_model=BoneAgeResponse, responses=ERRORS, dependencies=[content_type("multipart/form-data")]
+    "/bone-age", response_model=BoneAgeResponse, responses=ANSWERS, dependencies=[content_type("multipart/form-data")]
 )
 async def bone_age(
     runtime: RuntimeDep,
@@ -171,10 +192,11 @@ async def bone_age(
     chronological_age_months: Annotated[
         float | None, Form(gt=0, le=MAX_AGE_MONTHS, description="Optional; read from a DICOM if absent.")
     ] = None,
-) -> BoneAgeResponse:
+    format: FormatQuery = "json",
+) -> BoneAgeResponse | JSONResponse:
     """Bone age from an uploaded radiograph (multipart form)."""
     data = await image.read(runtime.settings.max_upload_bytes + 1)
-    return await _assess(runtime, request, data, sex, chronological_age_months)
+    return _answer(await _assess(runtime, request, data, sex, chronological_age_months), request, format)
 
 
 def parse_json_request(raw: bytes) -> tuple[bytes, BoneAgeJsonRequest]:
@@ -198,7 +220,7 @@ def parse_json_request(raw: bytes) -> tuple[bytes, BoneAgeJsonRequest]:
 @router.post(
     "/bone-age/json",
     response_model=BoneAgeResponse,
-    responses=ERRORS,
+    responses=ANSWERS,
     dependencies=[content_type("application/json")],
     # The body is parsed off the event loop (parse_json_request), so its schema is declared here.
     openapi_extra={
@@ -208,9 +230,11 @@ def parse_json_request(raw: bytes) -> tuple[bytes, BoneAgeJsonRequest]:
         }
     },
 )
-async def bone_age_json(runtime: RuntimeDep, request: Request) -> BoneAgeResponse:
+async def bone_age_json(
+    runtime: RuntimeDep, request: Request, format: FormatQuery = "json"
+) -> BoneAgeResponse | JSONResponse:
     """Bone age from a base64-encoded radiograph in a JSON body."""
     raw = await request.body()
     loop = asyncio.get_running_loop()
     data, body = await loop.run_in_executor(runtime.pool, parse_json_request, raw)
-    return await _assess(runtime, request, data, body.sex, body.chronological_age_months)
+    return _answer(await _assess(runtime, request, data, body.sex, body.chronological_age_months), request, format)
