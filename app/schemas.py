@@ -194,3 +194,24 @@ class Problem(BaseModel):
     instance: str | None = None
     request_id: str | None = None
     errors: list[dict] | None = None
+
+
+class Explanation(BaseModel):
+    """Where covering the radiograph changed the bone age: a qualitative aid, not evidence."""
+
+    method: str
+    caveat: str
+    grid: int = Field(description="Squares per side; ``change_months`` is grid × grid, row by row from the top.")
+    change_months: list[list[float]] = Field(
+        description="Bone age with the square covered − bone age of the whole image (months)."
+    )
+    overlay_png_base64: str = Field(
+        description="The model's input (the radiograph as the model saw it) with the |change| blended over it, PNG."
+    )
+    model_inputs: int = Field(description="Model inputs this explanation cost (grid² occluded copies + the image).")
+    seconds: float = Field(description="Time to answer, explanation included.")
+
+
+class ExplainResponse(BaseModel):
+    bone_age: BoneAgeResponse
+    explanation: Explanation

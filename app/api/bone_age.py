@@ -1,18 +1,21 @@
-"""POST /v1/bone-age (multipart) and /v1/bone-age/json (base64): the product."""
+"""POST /v1/bone-age (multipart), /v1/bone-age/json (base64) and /v1/bone-age/explain (heatmap): the product."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
+import time
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
+import numpy as np
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from app import assessment, quality
+from app import assessment, explain, quality
 from app.api.deps import RuntimeDep
 from app.batching import BatchFailed
 from app.formats import fhir
@@ -23,6 +26,8 @@ from app.schemas import (
     MAX_AGE_MONTHS,
     BoneAgeJsonRequest,
     BoneAgeResponse,
+    ExplainResponse,
+    Explanation,
     Interval,
     ModelRef,
     Problem,
@@ -32,7 +37,9 @@ from app.schemas import (
 from radiograph import DecodedImage, load_model_input
 
 router = APIRouter(prefix="/v1", tags=["bone age"])
-PREDICTION_PATHS = frozenset({"/v1/bone-age", "/v1/bone-age/json"})  # Admission control counts these.
+PREDICTION_PATHS = frozenset(
+    {"/v1/bone-age", "/v1/bone-age/json", "/v1/bone-age/explain"}
+)  # Admission control counts these.
 
 
 def content_type(expected: str):
@@ -78,6 +85,19 @@ FormatQuery = Annotated[
 ]
 
 
+ImageFile = Annotated[
+    UploadFile,
+    # OpenAPI 3.1 says "binary" with contentMediaType alone; generated clients (openapi-python-client,
+    # openapi-generator) only send a file part when the property also says format: binary.
+    File(description="Hand radiograph: PNG, JPEG or DICOM.", json_schema_extra={"format": "binary"}),
+]
+SexForm = Annotated[
+    SexIn | None,
+    Form(description="male or female (M/F and other cases accepted); optional for a DICOM with PatientSex."),
+]
+AgeForm = Annotated[float | None, Form(gt=0, le=MAX_AGE_MONTHS, description="Optional; read from a DICOM if absent.")]
+
+
 def _answer(answer: BoneAgeResponse, request: Request, format_: str) -> BoneAgeResponse | JSONResponse:
     """The plain answer, or the same answer as a FHIR Observation when the client asks for one."""
     if format_ == "fhir" or fhir.MEDIA_TYPE in request.headers.get("accept", ""):
@@ -109,10 +129,15 @@ def _patient_facts(decoded: DecodedImage, requested: Sex | None, age: float | No
     return used_sex, sex_source, age, age_source, notes
 
 
-async def _assess(
-    runtime: Runtime, request: Request, data: bytes, sex: Sex | None, age: float | None
-) -> BoneAgeResponse:
-    """Shared by both endpoints: decode + preprocess in the pool, batch, assess."""
+@dataclass(frozen=True)
+class _Assessed:
+    answer: BoneAgeResponse
+    tensor: np.ndarray  # the model input, for an explanation
+    sex: float  # the model's sex input (male = 1)
+
+
+async def _assess(runtime: Runtime, request: Request, data: bytes, sex: Sex | None, age: float | None) -> _Assessed:
+    """Shared by every endpoint: decode + preprocess in the pool, batch, assess."""
     settings = runtime.settings
     if len(data) > settings.max_upload_bytes:
         raise ProblemError(
@@ -126,9 +151,10 @@ async def _assess(
         used_sex, sex_source, age, age_source, notes = _patient_facts(decoded, sex, age)
         findings = quality.file_findings(decoded)
         _refuse_if(findings, runtime)
+        sex_input = 1.0 if used_sex == "male" else 0.0
         try:
             prediction: Prediction = await runtime.batcher.submit(
-                tensor, 1.0 if used_sex == "male" else 0.0, settings.request_timeout_s, expected
+                tensor, sex_input, settings.request_timeout_s, expected
             )
         except TimeoutError:
             raise ProblemError(504, f"No result within {settings.request_timeout_s:g} s.", "Timed out") from None
@@ -145,7 +171,7 @@ async def _assess(
     if age is not None:
         a = assessment.assess(months, age, used_sex, interval, level)
         result = {**a.__dict__, "sd_source": assessment.SD_SOURCE, "sd_method": assessment.SD_METHOD}
-    return BoneAgeResponse(
+    answer = BoneAgeResponse(
         request_id=request.state.request_id,
         bone_age_months=round(months, 1),
         bone_age_years=round(months / 12, 1),
@@ -164,6 +190,7 @@ async def _assess(
         notes=notes,
         warnings=findings,
     )
+    return _Assessed(answer, tensor, sex_input)
 
 
 def _refuse_if(findings: list[str], runtime: Runtime) -> None:
@@ -196,7 +223,8 @@ async def bone_age(
 ) -> BoneAgeResponse | JSONResponse:
     """Bone age from an uploaded radiograph (multipart form)."""
     data = await image.read(runtime.settings.max_upload_bytes + 1)
-    return _answer(await _assess(runtime, request, data, sex, chronological_age_months), request, format)
+    assessed = await _assess(runtime, request, data, sex, chronological_age_months)
+    return _answer(assessed.answer, request, format)
 
 
 def parse_json_request(raw: bytes) -> tuple[bytes, BoneAgeJsonRequest]:
@@ -237,4 +265,53 @@ async def bone_age_json(
     raw = await request.body()
     loop = asyncio.get_running_loop()
     data, body = await loop.run_in_executor(runtime.pool, parse_json_request, raw)
-    return _answer(await _assess(runtime, request, data, body.sex, body.chronological_age_months), request, format)
+    assessed = await _assess(runtime, request, data, body.sex, body.chronological_age_months)
+    return _answer(assessed.answer, request, format)
+
+
+@router.post(
+    "/bone-age/explain",
+    response_model=ExplainResponse,
+    responses=ERRORS,
+    dependencies=[content_type("multipart/form-data")],
+)
+async def explain_bone_age(
+    runtime: RuntimeDep,
+    request: Request,
+    image: ImageFile,
+    sex: SexForm = None,
+    chronological_age_months: AgeForm = None,
+    grid: Annotated[int, Form(ge=4, le=16, description="Squares per side of the occlusion grid.")] = 8,
+) -> ExplainResponse:
+    """Bone age with a heatmap of the squares that moved it (occlusion sensitivity).
+
+    Costs grid² + 1 model inputs (65 at the default 8 × 8); the copies are queued together in the
+    service's batcher and share batches with other requests. A qualitative aid, not evidence.
+    """
+    data = await image.read(runtime.settings.max_upload_bytes + 1)
+    started = time.perf_counter()
+    assessed = await _assess(runtime, request, data, sex, chronological_age_months)
+    loop = asyncio.get_running_loop()
+    copies = await loop.run_in_executor(runtime.pool, explain.occluded_copies, assessed.tensor, grid)
+    timeout = runtime.settings.request_timeout_s
+    try:
+        results = await asyncio.gather(*(runtime.batcher.submit(c, assessed.sex, timeout) for c in copies))
+    except TimeoutError:
+        raise ProblemError(504, f"The explanation took longer than {timeout:g} s.", "Timed out") from None
+    except BatchFailed:
+        raise ProblemError(503, "Inference failed while explaining; retry.", "Explanation failed") from None
+    base = assessed.answer.bone_age_months
+    heat = explain.heatmap(base, np.array([r.months for r in results]), grid)
+    overlay = await loop.run_in_executor(runtime.pool, explain.overlay_base64, assessed.tensor, heat)
+    return ExplainResponse(
+        bone_age=assessed.answer,
+        explanation=Explanation(
+            method=explain.METHOD,
+            caveat=explain.CAVEAT,
+            grid=grid,
+            change_months=[[round(float(v), 2) for v in row] for row in heat.change_months],
+            overlay_png_base64=overlay,
+            model_inputs=len(copies) + 1,
+            seconds=round(time.perf_counter() - started, 3),
+        ),
+    )
