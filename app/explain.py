@@ -65,8 +65,8 @@ def _colormap(weight: np.ndarray) -> np.ndarray:
     return ((1 - t) * stops[low] + t * stops[low + 1]).astype(np.uint8)
 
 
-def overlay_png(image: np.ndarray, map_: Heatmap, alpha: float = 0.45) -> bytes:
-    """The model input as the model saw it, with the heatmap blended over it, as PNG bytes."""
+def overlay_rgb(image: np.ndarray, map_: Heatmap, alpha: float = 0.45) -> np.ndarray:
+    """The model input as the model saw it, with the heatmap blended over it: ``(S, S, 3) uint8``."""
     side = image.shape[0]
     grey = ((image[..., 0] + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
     base = np.repeat(grey[..., None], 3, axis=2).astype(np.float64)
@@ -75,11 +75,10 @@ def overlay_png(image: np.ndarray, map_: Heatmap, alpha: float = 0.45) -> bytes:
     )
     colour = _colormap(weight).astype(np.float64)
     blend = alpha * weight[..., None]  # Unimportant squares stay the plain radiograph.
-    out = ((1 - blend) * base + blend * colour).round().astype(np.uint8)
+    return ((1 - blend) * base + blend * colour).round().astype(np.uint8)
+
+
+def png_base64(rgb: np.ndarray) -> str:
     buffer = io.BytesIO()
-    Image.fromarray(out, mode="RGB").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def overlay_base64(image: np.ndarray, map_: Heatmap) -> str:
-    return base64.b64encode(overlay_png(image, map_)).decode("ascii")
+    Image.fromarray(rgb, mode="RGB").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -2,12 +2,14 @@
 
 Tests marked ``data`` need ``$BONEAGE_DATA_DIR`` (default ``../shared/data``). They skip with
 the reason when it is absent, except when ``BONEAGE_REQUIRE_DATA=1`` (set by ``.ci/run``),
-where a missing data set fails the run instead of hiding tests.
+where a missing data set fails the run instead of hiding tests. System tools (dcmtk, Chromium)
+work the same way with ``BONEAGE_REQUIRE_TOOLS=1``.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,19 @@ def data_dir() -> Path:
             pytest.fail(f"BONEAGE_REQUIRE_DATA=1 but the radiographs are not at {root}")
         pytest.skip(f"real data set not found at {root} (set BONEAGE_DATA_DIR to run these tests)")
     return root
+
+
+def require_tool(name: str, package: str) -> str:
+    """Path of a system tool (Debian package ``package``); skip with the reason when it is absent.
+
+    ``.ci/run`` installs the tools and sets ``BONEAGE_REQUIRE_TOOLS=1``: there a missing tool fails.
+    """
+    found = shutil.which(name)
+    if found is None:
+        if os.environ.get("BONEAGE_REQUIRE_TOOLS") == "1":
+            pytest.fail(f"BONEAGE_REQUIRE_TOOLS=1 but {name} is not installed (apt-get install {package})")
+        pytest.skip(f"{name} is not installed (apt-get install {package})")
+    return found
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,12 +1,18 @@
-"""Results in the record's own formats: the answer as a FHIR Observation, validated by a FHIR library."""
+"""Results in the record's own formats: FHIR Observation (validated by a FHIR library), DICOM SR and
+Secondary Capture (read back with pydicom and dcmtk)."""
 
 from __future__ import annotations
 
+import io
+import subprocess
+
+import pydicom
 import pytest
 from fhir.resources.R4B.observation import Observation
+from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 
-from tests.conftest import HALFRES_PNG
-from tests.test_api import post
+from tests.conftest import HALFRES_PNG, SMALL_DICOM, require_tool
+from tests.test_api import is_problem, post
 
 FHIR = "application/fhir+json"
 
@@ -61,3 +67,55 @@ def test_errors_stay_problem_json_when_fhir_is_asked_for(client):
     response = post(client, HALFRES_PNG, headers={"Accept": FHIR})  # no sex
     assert response.status_code == 422
     assert response.headers["content-type"].startswith("application/problem+json")
+
+
+def dicom_answer(client, path, endpoint="/v1/bone-age", fmt="dicom-sr", **data):
+    return client.post(endpoint, params={"format": fmt}, files={"image": (path.name, path.read_bytes())}, data=data)
+
+
+def test_a_dicom_upload_can_be_answered_with_a_structured_report_in_its_own_study(client, tmp_path):
+    source = pydicom.dcmread(SMALL_DICOM)
+    plain = post(client, SMALL_DICOM).json()
+    response = dicom_answer(client, SMALL_DICOM)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/dicom"
+
+    sr = pydicom.dcmread(io.BytesIO(response.content))
+    assert sr.SOPClassUID == Comprehensive3DSRStorage
+    assert (sr.StudyInstanceUID, sr.PatientID) == (source.StudyInstanceUID, source.PatientID)
+    assert sr.SeriesInstanceUID != source.SeriesInstanceUID and sr.PreliminaryFlag == "PRELIMINARY"
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+    # Read back with dcmtk, as a PACS-side tool would.
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(response.content)
+    dump = subprocess.run([require_tool("dsrdump", "dcmtk"), str(path)], capture_output=True, text=True, check=True)
+    text = dump.stdout
+    assert f'NUM:(,,"Bone age")="{plain["bone_age_months"]:g}" (mo,UCUM,"month")' in text, text
+    assert f'"Algorithm Version")="{plain["model"]["version"]}"' in text
+    assert 'IMAGE:(,,"Source of Measurement")' in text
+    verdict = plain["assessment"]
+    assert f"{verdict['classification']},99BONEAGE" in text
+    assert f'"{verdict["z_score"]:g}" (1,UCUM' in text
+    interval = plain["bone_age_interval_months"]
+    if interval is not None:
+        assert f'="{interval["lower"]:g}" (mo,UCUM' in text and f'="{interval["upper"]:g}" (mo,UCUM' in text
+
+
+def test_the_heatmap_can_go_back_as_a_secondary_capture_in_the_same_study(client):
+    source = pydicom.dcmread(SMALL_DICOM)
+    response = dicom_answer(client, SMALL_DICOM, "/v1/bone-age/explain", "dicom-sc", grid="4")
+    assert response.status_code == 200, response.text
+    sc = pydicom.dcmread(io.BytesIO(response.content))
+    assert sc.SOPClassUID == SecondaryCaptureImageStorage
+    assert (sc.StudyInstanceUID, sc.PatientID) == (source.StudyInstanceUID, source.PatientID)
+    side = client.get("/v1/model").json()["preprocessing"]["input_size"]
+    assert sc.pixel_array.shape == (side, side, 3) and sc.PhotometricInterpretation == "RGB"
+    assert "not evidence" in sc.ImageComments
+
+
+@pytest.mark.parametrize(("endpoint", "fmt"), [("/v1/bone-age", "dicom-sr"), ("/v1/bone-age/explain", "dicom-sc")])
+def test_a_dicom_result_for_a_png_is_refused_with_the_reason(client, endpoint, fmt):
+    response = dicom_answer(client, HALFRES_PNG, endpoint, fmt, sex="female")
+    assert is_problem(response, 422, "DICOM results need a DICOM upload")

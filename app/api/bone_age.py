@@ -12,13 +12,13 @@ from typing import Annotated, Literal
 import numpy as np
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from app import assessment, explain, quality
 from app.api.deps import RuntimeDep
 from app.batching import BatchFailed
-from app.formats import fhir
+from app.formats import dicom, fhir
 from app.inference import Prediction
 from app.problems import ProblemError
 from app.runtime import Runtime
@@ -76,12 +76,18 @@ ANSWERS = {
     200: {
         "description": "The bone age; as a FHIR R4 Observation (LOINC 85151-9) with `Accept: application/fhir+json` "
         "or `?format=fhir`.",
-        "content": {fhir.MEDIA_TYPE: {"schema": {"type": "object", "description": "FHIR Observation"}}},
+        "content": {
+            fhir.MEDIA_TYPE: {"schema": {"type": "object", "description": "FHIR Observation"}},
+            dicom.MEDIA_TYPE: {"schema": {"type": "string", "format": "binary", "description": "DICOM SR"}},
+        },
     },
 }
 FormatQuery = Annotated[
-    Literal["json", "fhir"],
-    Query(description="`fhir`: answer with a FHIR Observation (as does `Accept: application/fhir+json`)."),
+    Literal["json", "fhir", "dicom-sr"],
+    Query(
+        description="`fhir`: a FHIR Observation (as does `Accept: application/fhir+json`); `dicom-sr`: a DICOM "
+        "Structured Report in the uploaded DICOM's study (DICOM uploads only)."
+    ),
 ]
 
 
@@ -98,11 +104,36 @@ SexForm = Annotated[
 AgeForm = Annotated[float | None, Form(gt=0, le=MAX_AGE_MONTHS, description="Optional; read from a DICOM if absent.")]
 
 
-def _answer(answer: BoneAgeResponse, request: Request, format_: str) -> BoneAgeResponse | JSONResponse:
-    """The plain answer, or the same answer as a FHIR Observation when the client asks for one."""
+async def _answer(
+    runtime: Runtime, answer: BoneAgeResponse, request: Request, format_: str, data: bytes
+) -> BoneAgeResponse | Response:
+    """The plain answer, or the same answer as a FHIR Observation or DICOM SR when the client asks for one."""
+    if format_ == "dicom-sr":
+        loop = asyncio.get_running_loop()
+        report = await loop.run_in_executor(runtime.pool, _report, answer, data)
+        return Response(report, media_type=dicom.MEDIA_TYPE, headers=_attachment("bone-age-sr.dcm"))
     if format_ == "fhir" or fhir.MEDIA_TYPE in request.headers.get("accept", ""):
         return JSONResponse(fhir.observation(answer), media_type=fhir.MEDIA_TYPE)
     return answer
+
+
+def _attachment(name: str) -> dict[str, str]:
+    return {"Content-Disposition": f'attachment; filename="{name}"'}
+
+
+def _source(data: bytes):
+    try:
+        return dicom.source_header(data)
+    except dicom.NotDicom as exc:
+        raise ProblemError(422, str(exc), "DICOM result needs a DICOM upload") from None
+
+
+def _report(answer: BoneAgeResponse, data: bytes) -> bytes:
+    return dicom.to_bytes(dicom.structured_report(answer, _source(data)))
+
+
+def _capture(overlay, answer: BoneAgeResponse, data: bytes) -> bytes:
+    return dicom.to_bytes(dicom.secondary_capture(overlay, _source(data), answer))
 
 
 def _patient_facts(decoded: DecodedImage, requested: Sex | None, age: float | None):
@@ -224,7 +255,7 @@ async def bone_age(
     """Bone age from an uploaded radiograph (multipart form)."""
     data = await image.read(runtime.settings.max_upload_bytes + 1)
     assessed = await _assess(runtime, request, data, sex, chronological_age_months)
-    return _answer(assessed.answer, request, format)
+    return await _answer(runtime, assessed.answer, request, format, data)
 
 
 def parse_json_request(raw: bytes) -> tuple[bytes, BoneAgeJsonRequest]:
@@ -266,13 +297,19 @@ async def bone_age_json(
     loop = asyncio.get_running_loop()
     data, body = await loop.run_in_executor(runtime.pool, parse_json_request, raw)
     assessed = await _assess(runtime, request, data, body.sex, body.chronological_age_months)
-    return _answer(assessed.answer, request, format)
+    return await _answer(runtime, assessed.answer, request, format, data)
 
 
 @router.post(
     "/bone-age/explain",
     response_model=ExplainResponse,
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        200: {
+            "description": "Bone age and heatmap; with `?format=dicom-sc`, the overlay as a DICOM Secondary Capture.",
+            "content": {dicom.MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+        },
+    },
     dependencies=[content_type("multipart/form-data")],
 )
 async def explain_bone_age(
@@ -282,7 +319,11 @@ async def explain_bone_age(
     sex: SexForm = None,
     chronological_age_months: AgeForm = None,
     grid: Annotated[int, Form(ge=4, le=16, description="Squares per side of the occlusion grid.")] = 8,
-) -> ExplainResponse:
+    format: Annotated[
+        Literal["json", "dicom-sc"],
+        Query(description="`dicom-sc`: the overlay as a DICOM Secondary Capture in the uploaded DICOM's study."),
+    ] = "json",
+) -> ExplainResponse | Response:
     """Bone age with a heatmap of the squares that moved it (occlusion sensitivity).
 
     Costs grid² + 1 model inputs (65 at the default 8 × 8); the copies are queued together in the
@@ -302,7 +343,10 @@ async def explain_bone_age(
         raise ProblemError(503, "Inference failed while explaining; retry.", "Explanation failed") from None
     base = assessed.answer.bone_age_months
     heat = explain.heatmap(base, np.array([r.months for r in results]), grid)
-    overlay = await loop.run_in_executor(runtime.pool, explain.overlay_base64, assessed.tensor, heat)
+    overlay = await loop.run_in_executor(runtime.pool, explain.overlay_rgb, assessed.tensor, heat)
+    if format == "dicom-sc":
+        capture = await loop.run_in_executor(runtime.pool, _capture, overlay, assessed.answer, data)
+        return Response(capture, media_type=dicom.MEDIA_TYPE, headers=_attachment("bone-age-heatmap-sc.dcm"))
     return ExplainResponse(
         bone_age=assessed.answer,
         explanation=Explanation(
@@ -310,7 +354,7 @@ async def explain_bone_age(
             caveat=explain.CAVEAT,
             grid=grid,
             change_months=[[round(float(v), 2) for v in row] for row in heat.change_months],
-            overlay_png_base64=overlay,
+            overlay_png_base64=await loop.run_in_executor(runtime.pool, explain.png_base64, overlay),
             model_inputs=len(copies) + 1,
             seconds=round(time.perf_counter() - started, 3),
         ),
