@@ -65,11 +65,16 @@ def _colormap(weight: np.ndarray) -> np.ndarray:
     return ((1 - t) * stops[low] + t * stops[low + 1]).astype(np.uint8)
 
 
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """``(S, S, C)`` model input in [-1, 1] → ``(S, S, 3) uint8`` grey picture."""
+    grey = ((image[..., 0] + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
 def overlay_rgb(image: np.ndarray, map_: Heatmap, alpha: float = 0.45) -> np.ndarray:
     """The model input as the model saw it, with the heatmap blended over it: ``(S, S, 3) uint8``."""
     side = image.shape[0]
-    grey = ((image[..., 0] + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
-    base = np.repeat(grey[..., None], 3, axis=2).astype(np.float64)
+    base = as_rgb(image).astype(np.float64)
     weight = np.asarray(
         Image.fromarray(map_.weight.astype(np.float32), mode="F").resize((side, side), Image.Resampling.BILINEAR)
     )

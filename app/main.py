@@ -20,7 +20,7 @@ from starlette.formparsers import MultiPartParser
 
 from app import problems
 from app.admission import REFUSED, Admission
-from app.api import bone_age, model, service
+from app.api import bone_age, model, page, service
 from app.api.deps import require_api_key
 from app.batching import Batcher
 from app.config import Settings, get_settings
@@ -117,6 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(bone_age.router, dependencies=protected)
     app.include_router(model.router, dependencies=protected)
     app.include_router(service.router)
+    app.include_router(page.router)
     app.mount("/static", StaticFiles(directory=SWAGGER_ASSETS), name="static")
     # Inside the logging middleware below, so refusals (503 when full, 401 without a valid key) are
     # logged and counted like any answer.

@@ -205,9 +205,8 @@ class Explanation(BaseModel):
     change_months: list[list[float]] = Field(
         description="Bone age with the square covered − bone age of the whole image (months)."
     )
-    overlay_png_base64: str = Field(
-        description="The model's input (the radiograph as the model saw it) with the |change| blended over it, PNG."
-    )
+    input_png_base64: str = Field(description="The model's input: the radiograph as the model saw it, PNG.")
+    overlay_png_base64: str = Field(description="The same with the |change| blended over it, PNG.")
     model_inputs: int = Field(description="Model inputs this explanation cost (grid² occluded copies + the image).")
     seconds: float = Field(description="Time to answer, explanation included.")
 

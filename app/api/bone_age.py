@@ -354,6 +354,9 @@ async def explain_bone_age(
             caveat=explain.CAVEAT,
             grid=grid,
             change_months=[[round(float(v), 2) for v in row] for row in heat.change_months],
+            input_png_base64=await loop.run_in_executor(
+                runtime.pool, explain.png_base64, explain.as_rgb(assessed.tensor)
+            ),
             overlay_png_base64=await loop.run_in_executor(runtime.pool, explain.png_base64, overlay),
             model_inputs=len(copies) + 1,
             seconds=round(time.perf_counter() - started, 3),
