@@ -182,6 +182,54 @@ def half_peak_open_loop(url: str, uploads, service: list[dict], duration: float)
     return row
 
 
+def explain_cost(url: str, uploads, service: list[dict], duration: float, repeats: int) -> dict:
+    """ms per explanation alone, and other clients' p99 (open loop at a quarter of the peak rate)
+    without and with one client asking for explanations back to back."""
+    import threading
+
+    def explain_once(client: httpx.Client, i: int) -> float:
+        name, data, sex = uploads[i % len(uploads)]
+        t0 = time.perf_counter()
+        r = client.post("/v1/bone-age/explain", files={"image": (name, data)}, data={"sex": sex})
+        r.raise_for_status()
+        return (time.perf_counter() - t0) * 1000
+
+    with httpx.Client(base_url=url, timeout=120) as client:
+        explain_once(client, 0)  # first call pays for nothing the others do not
+        alone = [explain_once(client, i) for i in range(repeats)]
+    rate = max(r["throughput"] for r in service) / 4
+    without = load.open_loop(url, uploads, rate, duration)
+    stop, during = threading.Event(), []
+
+    def explainer() -> None:
+        with httpx.Client(base_url=url, timeout=120) as client:
+            while not stop.is_set():
+                during.append(explain_once(client, len(during)))
+
+    thread = threading.Thread(target=explainer)
+    thread.start()
+    with_ = load.open_loop(url, uploads, rate, duration)
+    stop.set()
+    thread.join()
+    row = {
+        "explain_ms_median": float(np.median(alone)),
+        "explain_ms_spread": [float(min(alone)), float(max(alone))],
+        "repeats": repeats,
+        "rate": rate,
+        "p99_ms_without": without.percentile(99),
+        "p99_ms_with": with_.percentile(99),
+        "errors_with": with_.errors,
+        "explanations_during": len(during),
+        "explain_ms_during_median": float(np.median(during)) if during else None,
+    }
+    print(
+        f"  explanation alone {row['explain_ms_median']:.0f} ms (median of {repeats}); others' p99 at {rate:.1f}/s "
+        f"{row['p99_ms_without']:.0f} → {row['p99_ms_with']:.0f} ms with explanations running",
+        flush=True,
+    )
+    return row
+
+
 def ratios(limit: dict, service: list[dict], per_request: list[dict], half: dict) -> dict:
     peak = max(service, key=lambda r: r["throughput"])
     lone = service[0]
@@ -285,6 +333,20 @@ def report(results: dict, command: str) -> str:
         *table(results["per_request"], False),
         "",
     ]
+    if results.get("explain"):
+        e = results["explain"]
+        lines += [
+            "## Explanations (occlusion heatmap, `POST /v1/bone-age/explain`, 8 × 8 grid = 65 model inputs)",
+            "",
+            f"One explanation alone: **{e['explain_ms_median']:.0f} ms** (median of {e['repeats']}; "
+            f"{e['explain_ms_spread'][0]:.0f}–{e['explain_ms_spread'][1]:.0f}).",
+            "",
+            f"Other clients arriving at {e['rate']:.1f}/s (a quarter of the peak, open loop): p99 "
+            f"**{e['p99_ms_without']:.0f} ms** alone, **{e['p99_ms_with']:.0f} ms** while one client asks for "
+            f"explanations back to back ({e['explanations_during']} done, median "
+            f"{e['explain_ms_during_median'] or 0:.0f} ms each; {e['errors_with']} errors).",
+            "",
+        ]
     if results.get("settings"):
         lines += [
             f"## Batch size and wait (service, {results['settings_concurrency']} clients)",
@@ -361,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     with server.running("app.main:app", logs / "service.log", env) as (url, _):
         results["service"] = sweep(url, halfres, levels, args.duration, True)
         results["half_peak_open_loop"] = half_peak_open_loop(url, halfres, results["service"], args.duration)
+        print("explanations (occlusion heatmap)", flush=True)
+        results["explain"] = explain_cost(url, halfres, results["service"], args.duration, 2 if args.quick else 5)
         if fullres:
             results["resolution"] = []
             for name, images in (("half-resolution", halfres), ("full-resolution", fullres)):
