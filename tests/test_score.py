@@ -1,0 +1,135 @@
+"""Scoring a whole archive: every image gets a row, a stopped run resumes, a distributed engine runs it."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from app.score import find_records, score_records
+from tests.conftest import HALFRES_PNG, HOSPITAL_JPEG, SMALL_DICOM, THUMBNAILS
+from tests.test_api import post
+
+
+def run_score(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "app.score", *map(str, args), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
+    )
+
+
+def read_rows(path) -> list[dict]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture
+def archive(tmp_path):
+    """A folder tree as PACS exports look: nested folders, a suffix-less DICOM, a broken file, a note."""
+    root = tmp_path / "archive"
+    (root / "2019" / "ward-a").mkdir(parents=True)
+    shutil.copy(HALFRES_PNG, root / "2019" / HALFRES_PNG.name)
+    shutil.copy(HOSPITAL_JPEG, root / "2019" / "ward-a" / HOSPITAL_JPEG.name)
+    shutil.copy(SMALL_DICOM, root / "2019" / "ward-a" / "IM000001")  # no suffix, as PACS export them
+    (root / "2019" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (root / "README.txt").write_text("not an image, not taken")
+    return root
+
+
+def test_a_folder_tree_gets_one_row_per_image_with_errors_and_reasons(archive, tmp_path):
+    out = tmp_path / "results.csv"
+    done = run_score(archive, "--out", out)
+    assert done.returncode == 0, done.stderr
+    rows = {r["path"].removeprefix(str(archive) + "/"): r for r in read_rows(out)}
+    assert set(rows) == {"2019/rsna-halfres-3225.png", "2019/ward-a/hospital-f3.9.jpg", "2019/ward-a/IM000001",
+                         "2019/broken.png"}  # fmt: skip
+    dicom = rows["2019/ward-a/IM000001"]
+    assert (dicom["status"], dicom["sex"], dicom["sex_source"], dicom["chronological_age_source"]) == (
+        "ok",
+        "female",
+        "dicom",
+        "dicom",
+    )
+    assert dicom["classification"] in ("delayed", "normal", "advanced", "indeterminate")
+    assert rows["2019/broken.png"]["status"] == "error" and rows["2019/broken.png"]["error"]
+    # A PNG carries no sex: without --sex it is an error row that says so, not a guess and not a gap.
+    assert rows["2019/rsna-halfres-3225.png"]["status"] == "error"
+    assert "sex unknown" in rows["2019/rsna-halfres-3225.png"]["error"]
+
+
+def test_the_same_image_scores_the_same_as_through_the_service(client, tmp_path):
+    listing = tmp_path / "cohort.csv"
+    listing.write_text(f"path,sex,chronological_age_months\n{HALFRES_PNG},female,40\n")
+    out = tmp_path / "results.csv"
+    assert run_score(listing, "--out", out).returncode == 0
+    [row] = read_rows(out)
+    api = post(client, HALFRES_PNG, sex="female", age=40).json()
+    assert float(row["bone_age_months"]) == api["bone_age_months"]
+    assert row["classification"] == api["assessment"]["classification"]
+    assert (row["sex_source"], row["chronological_age_source"]) == ("record", "record")
+
+
+def test_a_stopped_run_resumes_without_redoing_or_losing_an_image(tmp_path):
+    listing = tmp_path / "cohort.csv"
+    images = sorted(THUMBNAILS.glob("*.png"))
+    with listing.open("w") as fh:
+        fh.write("path,male\n")
+        for i in range(8):  # enough work that the first run can be stopped half way
+            for p in images:
+                fh.write(f"{tmp_path / f'copy{i}' / p.name},{'True' if i % 2 else 'False'}\n")
+    for i in range(8):
+        shutil.copytree(THUMBNAILS, tmp_path / f"copy{i}")
+    out = tmp_path / "results.csv"
+    total = 8 * len(images)
+
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "app.score",
+            str(listing),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--workers",
+            "1",
+            "--batch-size",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not out.is_file() or len(out.read_text().splitlines()) < 20):
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)  # the hardest stop: no clean-up at all
+    first.wait()
+    partial = len(read_rows(out))
+    assert 0 < partial < total
+
+    second = run_score(listing, "--out", out)
+    assert second.returncode == 0, second.stderr
+    assert f"{partial} already scored; {total - partial} to go" in second.stdout
+    paths = [r["path"] for r in read_rows(out)]
+    assert len(paths) == len(set(paths)) == total
+    assert all(r["status"] == "ok" for r in read_rows(out))
+
+
+def test_a_distributed_engine_runs_the_same_function_on_partitions(archive, tmp_path):
+    bag = pytest.importorskip("dask.bag")
+    records = [r for r in find_records(archive) if r["path"].endswith(("IM000001", ".jpg"))]
+    records[1:] = [{**r, "sex": "female"} for r in records[1:]]
+    local = {r["path"]: r for r in score_records(records)}
+    rows = bag.from_sequence(records, npartitions=2).map_partitions(score_records).compute(scheduler="processes")
+    assert len(rows) == len(records)
+    for row in rows:
+        assert row["status"] == local[row["path"]]["status"]
+        assert row.get("bone_age_months") == local[row["path"]].get("bone_age_months")
