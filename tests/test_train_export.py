@@ -265,3 +265,17 @@ def test_a_mixed_precision_run_exports_to_a_float32_file(tmp_path):
     assert report["storage"]["float32"]["max_abs_diff_months"] <= 0.05
     assert 0 <= report["mixed_precision_drift_months"] < 2.0
     assert report["metadata"]["training_config"]["mixed_precision"] is True
+
+
+def test_a_resumed_huber_run_keeps_its_loss(tmp_path):
+    """Keras saves Huber without its delta; a resume must train on the run's own loss, not delta 1."""
+    run = tmp_path / "huber"
+    common = ["--workers", "1", "--cache-dir", str(tmp_path / "cache")]
+    first = ["--csv", str(THUMBNAILS_CSV), "--run-dir", str(run), "--input-size", "71", "--batch-size", "8"]
+    assert train.main([*first, "--loss", "huber", "--epochs", "1", *common]) == 0
+    assert train.main(["--run-dir", str(run), "--resume", "--epochs", "2", *common]) == 0
+    rows = list(csv.DictReader((run / "history.csv").open()))
+    # Huber with delta d on errors of many months is ≈ d·(|e| − d/2): loss/MAE stays on one scale
+    # across the resume (with delta 1 it would collapse to ≈ 1).
+    ratios = [float(r["val_loss"]) / float(r["val_mae"]) for r in rows]
+    assert ratios[1] == pytest.approx(ratios[0], rel=0.5), ratios

@@ -256,6 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with strategy.scope():
         if args.resume:
             model = keras.models.load_model(run / "last.keras")
+            # Keras saves Huber without its delta (it reloads as delta 1.0): compile the run's own loss
+            # again, keeping the restored optimizer and its state (step count, moments, schedule).
+            model.compile(optimizer=model.optimizer, loss=make_loss(args, config["target_std"]), metrics=["mae"])
         else:
             weights = None if args.weights == "none" or args.init else args.weights
             model = build_model(args.input_size, weights, config["target_mean"], config["target_std"])
