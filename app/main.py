@@ -7,6 +7,7 @@ import logging
 import os
 import time
 import uuid
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -89,6 +90,10 @@ def _configure_logging(level: str) -> None:
         log.addHandler(handler)
         log.propagate = False
     log.setLevel(level.upper())
+    # pydicom and highdicom warn about odd header values by quoting them ("The string "DOE^JANE" is
+    # unlikely…"): patient data that must not reach the log. Their warnings are dropped; what the
+    # service notices about an image goes into the answer's notes instead.
+    warnings.filterwarnings("ignore", module=r"(pydicom|highdicom)(\.|$)")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

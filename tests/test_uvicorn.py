@@ -192,6 +192,10 @@ def test_logs_carry_request_facts_but_no_patient_data(tmp_path, bundled_model):
     with running_service(tmp_path, model_path=bundled_model) as (url, log, _):
         r = httpx.post(url + "/v1/bone-age", files={"image": ("hand.dcm", SMALL_DICOM.read_bytes())})
         assert r.status_code == 200
+        # The DICOM results are built from the patient's header: nothing of it may reach the log either.
+        for path, fmt in (("/v1/bone-age", "dicom-sr"), ("/v1/bone-age/explain", "dicom-sc")):
+            files = {"image": ("hand.dcm", SMALL_DICOM.read_bytes())}
+            assert httpx.post(url + path, params={"format": fmt}, files=files, timeout=60).status_code == 200
     text = log.read_text()
     assert f"request_id={r.json()['request_id']}" in text and "status=200" in text
     for tag in (
