@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from radiograph.decode import DEFAULT_MAX_PIXELS
@@ -50,6 +50,12 @@ class Settings(BaseSettings):
         "'warn' answers with a warning.",
     )
     log_level: str = "INFO"
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_no_key(cls, value):
+        """``BONEAGE_API_KEY=`` (as compose passes an unset variable) means no key, not an empty one."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     @property
     def max_upload_bytes(self) -> int:

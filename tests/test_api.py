@@ -157,6 +157,16 @@ def test_an_api_key_protects_v1_when_configured(make_client):
     assert client.get("/healthz").status_code == 200  # Probes stay open for the orchestrator.
 
 
+def test_an_empty_api_key_setting_means_no_key(monkeypatch):
+    """Compose passes an unset ``${BONEAGE_API_KEY:-}`` as an empty string: that must not lock everyone out."""
+    from app.config import Settings
+
+    monkeypatch.setenv("BONEAGE_API_KEY", "")
+    assert Settings().api_key is None
+    monkeypatch.setenv("BONEAGE_API_KEY", "s3cret")
+    assert Settings().api_key.get_secret_value() == "s3cret"
+
+
 def test_cors_is_off_unless_configured(make_client):
     closed = make_client().options(
         "/v1/model", headers={"Origin": "https://x.example", "Access-Control-Request-Method": "GET"}

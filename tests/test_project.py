@@ -29,12 +29,19 @@ def test_ci_runs_the_readme_test_command():
     assert readme_commands()[1] in (ROOT / ".ci" / "run").read_text()
 
 
-def test_the_docker_image_installs_what_the_readme_installs():
+def test_the_docker_image_installs_what_the_readme_installs_with_the_cpu_runtime_only():
+    import tomllib
+
     run = readme_commands()[0]
-    extras = re.search(r"pip install -e '\.\[(\w+)\]'", run).group(1)
+    assert re.search(r"pip install -e '\.\[(\w+)\]'", run).group(1) == "serve"
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert f"ARG EXTRAS={extras}" in dockerfile and 'pip install -e ".[${EXTRAS}]"' in dockerfile
+    assert "ARG EXTRAS=cpu" in dockerfile and 'pip install --no-compile -e ".[${EXTRAS}]"' in dockerfile
     assert '"uvicorn", "app.main:app"' in dockerfile
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    runtime = [d for d in extras["serve"] if "onnxruntime" in d]
+    # serve = the service's dependencies + a runtime; cpu = the same dependencies + the CPU runtime only.
+    assert [d for d in extras["serve"] if d not in runtime] == [d for d in extras["cpu"] if "onnxruntime" not in d]
+    assert [d for d in extras["cpu"] if "onnxruntime" in d] == ["onnxruntime>=1.20"]
 
 
 def test_compose_file_is_valid_against_the_compose_specification():
@@ -56,10 +63,21 @@ def test_compose_file_is_valid_against_the_compose_specification():
 def test_compose_serves_port_8000_checks_readyz_and_has_a_gpu_profile():
     services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
     cpu, gpu = services["boneage"], services["boneage-gpu"]
-    assert "8000:8000" in cpu["ports"] and "/readyz" in " ".join(cpu["healthcheck"]["test"])
+    assert cpu["ports"] == ["${BONEAGE_BIND:-127.0.0.1}:8000:8000"]  # a laptop's safe default
+    assert "/readyz" in " ".join(cpu["healthcheck"]["test"])
+    assert cpu["read_only"] and cpu["user"] == "10001:10001"
     assert "profiles" not in cpu and gpu["profiles"] == ["gpu"]
     assert gpu["environment"]["BONEAGE_PROVIDERS"] == "cuda"
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+
+
+def test_compose_replicas_sit_behind_haproxy_checking_readyz_least_connections():
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    assert services["replica"]["profiles"] == services["lb"]["profiles"] == ["replicas"]
+    assert "ports" not in services["replica"]  # reached only through the load balancer
+    config = (ROOT / "deploy" / "haproxy" / "haproxy.cfg").read_text()
+    for line in ("balance leastconn", "option httpchk GET /readyz", "retry-on conn-failure", "server-template"):
+        assert line in config
 
 
 def test_every_setting_is_documented_in_the_readme():
