@@ -98,6 +98,17 @@ def _is_dicom(path: Path) -> bool:
         return False
 
 
+def _die_with_parent() -> None:
+    """Pool initializer: on Linux, a worker gets SIGTERM when the scoring process dies (even by
+    SIGKILL), instead of lingering forever with its memory, as multiprocessing's workers otherwise do."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _prepare(path: str, spec, max_pixels: int):
     """In a worker process: file → (tensor, decoded), or the reason it cannot be read."""
     try:
@@ -184,7 +195,7 @@ async def _score(
     batcher = Batcher(model.predict, max_batch_size=batch_size, max_wait_s=0.002)
     batcher.start()
     window = asyncio.Semaphore(max(4 * batch_size, 2 * workers))  # bounded memory on any archive size
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(workers, initializer=_die_with_parent) as pool:
 
         async def one(record: dict) -> None:
             async with window:

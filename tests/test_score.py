@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,19 @@ def run_score(*args, **kwargs) -> subprocess.CompletedProcess:
         timeout=300,
         **kwargs,
     )
+
+
+def scoring_processes(source) -> list[int]:
+    """PIDs of processes still running ``app.score`` on ``source`` (read from /proc)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"app.score" in args and str(source).encode() in args:
+            pids.append(int(cmdline.parent.name))
+    return pids
 
 
 def read_rows(path) -> list[dict]:
@@ -112,6 +126,11 @@ def test_a_stopped_run_resumes_without_redoing_or_losing_an_image(tmp_path):
         time.sleep(0.05)
     first.send_signal(signal.SIGKILL)  # the hardest stop: no clean-up at all
     first.wait()
+    # Its decode workers go with it instead of lingering with their memory.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and scoring_processes(listing):
+        time.sleep(0.1)
+    assert not scoring_processes(listing)
     partial = len(read_rows(out))
     assert 0 < partial < total
 
