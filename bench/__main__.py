@@ -182,6 +182,19 @@ def half_peak_open_loop(url: str, uploads, service: list[dict], duration: float)
     return row
 
 
+def archive_scoring(model: Path, folder: Path, quick: bool) -> dict:
+    """img/s of ``app.score`` on a folder (same decode, batcher and model as the service, no HTTP)."""
+    from app.score import find_records, score_records
+
+    records = [{**r, "sex": "female"} for r in find_records(folder)][: 32 if quick else 300]
+    t0 = time.perf_counter()
+    rows = score_records(records, model)
+    seconds = time.perf_counter() - t0
+    row = {"images": len(rows), "seconds": seconds, "img_s": len(rows) / seconds}
+    print(f"  {row['img_s']:.1f} img/s over {len(rows)} images (model load included)", flush=True)
+    return row
+
+
 def explain_cost(url: str, uploads, service: list[dict], duration: float, repeats: int) -> dict:
     """ms per explanation alone, and other clients' p99 (open loop at a quarter of the peak rate)
     without and with one client asking for explanations back to back."""
@@ -333,6 +346,16 @@ def report(results: dict, command: str) -> str:
         *table(results["per_request"], False),
         "",
     ]
+    if results.get("archive"):
+        a = results["archive"]
+        lines += [
+            "## Scoring an archive (`python -m app.score`, in-process, no HTTP)",
+            "",
+            f"**{a['img_s']:.1f} img/s** over {a['images']} half-resolution radiographs ({a['seconds']:.1f} s, model "
+            f"load included), against the service's peak of {r['service_peak']['throughput']:.1f} img/s and the "
+            f"bare pipeline's {lim['pipeline_images_per_s']:.1f}.",
+            "",
+        ]
     if results.get("explain"):
         e = results["explain"]
         lines += [
@@ -431,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
                 for c in (1, 16):
                     row = sweep(url, images, [c], args.duration, False)[0]
                     results["resolution"].append({"set": name, **row})
+    print("archive scoring (python -m app.score, in-process)", flush=True)
+    results["archive"] = archive_scoring(args.model, half_dir if half_dir.is_dir() else fixtures, args.quick)
     print("per-request Keras", flush=True)
     keras_env = {"BENCH_SPEC_MODEL": str(args.model), "TF_CPP_MIN_LOG_LEVEL": "3"}
     if args.keras_model:
