@@ -57,6 +57,12 @@ def convert(args: argparse.Namespace) -> int:
             f"trained in mixed precision: the file computes in float32, which moves answers by at most "
             f"{report['mixed_precision_drift_months']:.3f} months on the parity radiographs"
         )
+    if "int8" in report:
+        q = report["int8"]
+        print(
+            f"int8: validation MAE {q['validation_mae_int8']:.2f} vs float32 {q['validation_mae_float32']:.2f} "
+            f"({q['drift_months']:+.2f} months, bound +{q['bound_months']}) on {q['validation_images']} images"
+        )
     t = report["timing_ms"]
     print(
         f"timing (median ms): ONNX Runtime batch 1 {t['onnxruntime_batch1']:.1f}, batch 16 "
@@ -126,7 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     c = sub.add_parser("convert", help="training run → ONNX file with metadata, parity-checked")
     c.add_argument("run_dir", type=Path)
     c.add_argument("--out", type=Path, default=Path("models/boneage.onnx"))
-    c.add_argument("--storage", choices=["float16", "float32"], default="float16")
+    c.add_argument(
+        "--storage",
+        choices=["float16", "float32", "int8"],
+        default="float16",
+        help="float16: weights stored in half precision, computed in float32; int8: static QDQ quantisation "
+        "of the convolutions, refused if it costs more than 0.3 months of validation MAE",
+    )
     c.add_argument("--name", default="boneage-xception")
     c.add_argument("--version", help="model version (default: the run folder's name)")
     c.add_argument(

@@ -29,6 +29,11 @@ PARITY_FP32_MONTHS = 0.05
 #: (relative 2^-11). 0.5 months is 1/20 of the service's target error and far below the
 #: 6–12 month steps between Greulich & Pyle standards, so it cannot change a reading.
 PARITY_FP16_MONTHS = 0.5
+#: int8 moves single answers by months (quantisation noise), so its check is on the validation
+#: split instead: its MAE may exceed the float32 file's by at most this much, else nothing is written.
+INT8_MAX_MAE_DRIFT_MONTHS = 0.3
+#: Training radiographs that calibrate the int8 activation ranges.
+INT8_CALIBRATION_IMAGES = 256
 OPSET = 18
 
 
@@ -130,6 +135,68 @@ def store_weights_fp16(proto, min_elements: int = 1024):
     return proto
 
 
+def restore_float32(proto):
+    """Inverse of :func:`store_weights_fp16`: float32 initializers again (what quantisation reads)."""
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    halves = {i.name: i for i in graph.initializer if i.name.endswith("__fp16")}
+    casts = [n for n in graph.node if n.op_type == "Cast" and len(n.input) == 1 and n.input[0] in halves]
+    restored = [
+        numpy_helper.from_array(numpy_helper.to_array(halves[n.input[0]]).astype(np.float32), n.output[0])
+        for n in casts
+    ]
+    kept = [i for i in graph.initializer if i.name not in halves]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + restored)
+    nodes = [n for n in graph.node if n not in casts]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return proto
+
+
+#: Operators quantised to int8. Convolutions carry nearly all of Xception's arithmetic; the small
+#: dense head that turns features into months stays float32, as does everything else.
+INT8_OPS = ("Conv",)
+
+
+def quantize_int8(fp32, images: np.ndarray, sex: np.ndarray, batch: int = 16):
+    """Static int8 quantisation (QDQ, per-channel int8 weights, uint8 activations: the U8S8 form that
+    x86 VNNI runs fastest), calibrated with MinMax on ``images`` (real radiographs through the shared
+    preprocessing). Returns the quantised ModelProto."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(
+                {INPUT_IMAGE: images[i : i + batch], INPUT_SEX: sex[i : i + batch]}
+                for i in range(0, len(images), batch)
+            )
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, pre, dst = (Path(tmp) / name for name in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+        onnx.save(fp32, src)
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_static(
+            str(pre),
+            str(dst),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=list(INT8_OPS),
+        )
+        return onnx.load(str(dst))
+
+
 def _session(proto):
     import onnxruntime as ort
 
@@ -194,14 +261,8 @@ def training_summary(run_dir: Path) -> dict:
     return summary
 
 
-def calibrate(
-    session, run_dir: Path, spec: PreprocessSpec, csv_path: Path | None, cache_dir: Path | None, train_count: int
-) -> dict:
-    """Fit the interval on the run's validation split and the gate on its training images.
-
-    Predictions come from ``session``: the exported file itself, as the service runs it.
-    """
-    from export.calibration import FeatureGate, IntervalModel
+def run_splits(run_dir: Path, csv_path: Path | None):
+    """The run's own training and validation samples: (config, train, val, train folder, val folder)."""
     from training import data
 
     config = json.loads((run_dir / "config.json").read_text())
@@ -226,20 +287,43 @@ def calibrate(
             f"trained on {recorded.get('train_count')} and validated on {recorded.get('validation_count')}: "
             "not the run's labels, so validation residuals could come from training images"
         )
+    return config, train_s, val_s, image_dir, val_dir
+
+
+def run_inputs(samples, folder: Path, spec: PreprocessSpec, cache_dir: Path | None):
+    """(images, sex, age) of samples, preprocessed through radiograph (cached)."""
+    from training import data
+
+    images = data.load_images(data.image_paths(samples, folder), spec, cache_dir)
+    sex, age = data.arrays(samples)
+    return images, sex, age
+
+
+def predict_all(session, images, sex, outputs=(OUTPUT,), batch: int = 32) -> list[np.ndarray]:
+    chunks = [
+        session.run(list(outputs), {INPUT_IMAGE: np.asarray(images[i : i + batch]), INPUT_SEX: sex[i : i + batch]})
+        for i in range(0, len(sex), batch)
+    ]
+    return [np.concatenate([c[k] for c in chunks]) for k in range(len(outputs))]
+
+
+def calibrate(
+    session, run_dir: Path, spec: PreprocessSpec, csv_path: Path | None, cache_dir: Path | None, train_count: int
+) -> dict:
+    """Fit the interval on the run's validation split and the gate on its training images.
+
+    Predictions come from ``session``: the exported file itself, as the service runs it.
+    """
+    from export.calibration import FeatureGate, IntervalModel
+
+    config, train_s, val_s, image_dir, val_dir = run_splits(run_dir, csv_path)
     rng = np.random.default_rng(config["seed"])
     train_s = [train_s[i] for i in sorted(rng.permutation(len(train_s))[:train_count])]
 
     def run(subset, folder):
-        images = data.load_images(data.image_paths(subset, folder), spec, cache_dir)
-        sex, age = data.arrays(subset)
-        months, features = [], []
-        for i in range(0, len(subset), 32):
-            m, f = session.run(
-                [OUTPUT, FEATURES], {INPUT_IMAGE: np.asarray(images[i : i + 32]), INPUT_SEX: sex[i : i + 32]}
-            )
-            months.append(m.reshape(-1))
-            features.append(f)
-        return np.concatenate(months), np.concatenate(features), age
+        images, sex, age = run_inputs(subset, folder, spec, cache_dir)
+        months, features = predict_all(session, images, sex, (OUTPUT, FEATURES))
+        return months.reshape(-1), features, age
 
     val_pred, val_features, val_age = run(val_s, val_dir)
     _, train_features, _ = run(train_s, image_dir)
@@ -249,6 +333,7 @@ def calibrate(
     except ValueError as exc:
         raise ExportError(f"calibration: {exc} (pass --no-calibration for a model without them)") from None
     return {
+        "validation_mae_months": float(np.abs(val_pred - val_age).mean()),
         "interval": interval.to_dict() | {"validation_images": len(val_s)},
         "gate": gate.to_dict() | {"training_images": len(train_s), "validation_images": len(val_s)},
     }
@@ -291,6 +376,12 @@ def export_run(
         fp16 = onnx.ModelProto()
         fp16.CopyFrom(fp32)
         candidates["float16"] = (store_weights_fp16(fp16), PARITY_FP16_MONTHS)
+    cache = cache_dir or (Path(config["cache_dir"]) if config.get("cache_dir") else None)
+    if storage == "int8":
+        _, train_s, _, image_dir, _ = run_splits(run_dir, csv_path)
+        pick = np.random.default_rng(config["seed"] + 1).permutation(len(train_s))[:INT8_CALIBRATION_IMAGES]
+        cal_images, cal_sex, _ = run_inputs([train_s[i] for i in sorted(pick)], image_dir, spec, cache)
+        candidates["int8"] = (quantize_int8(fp32, np.asarray(cal_images), cal_sex), float("inf"))
     sessions = {}
     for name, (proto, bound) in candidates.items():
         sessions[name] = _session(proto)
@@ -302,6 +393,29 @@ def export_run(
         }
         if not diff <= bound:
             raise ExportError(f"{name} export differs from Keras by {diff:.4f} months (> {bound}); not written")
+    if storage == "int8":
+        _, _, val_s, _, val_dir = run_splits(run_dir, csv_path)
+        val_images, val_sex, val_age = run_inputs(val_s, val_dir, spec, cache)
+        mae = {
+            name: float(np.abs(predict_all(sessions[name], val_images, val_sex)[0].reshape(-1) - val_age).mean())
+            for name in ("float32", "int8")
+        }
+        drift = mae["int8"] - mae["float32"]
+        report["int8"] = {
+            "validation_mae_float32": mae["float32"],
+            "validation_mae_int8": mae["int8"],
+            "drift_months": drift,
+            "bound_months": INT8_MAX_MAE_DRIFT_MONTHS,
+            "validation_images": len(val_s),
+            "calibration_images": INT8_CALIBRATION_IMAGES,
+            "quantised_ops": list(INT8_OPS),
+        }
+        report["storage"]["int8"]["bound_months"] = None  # judged by validation MAE, not single answers
+        if drift > INT8_MAX_MAE_DRIFT_MONTHS:
+            raise ExportError(
+                f"int8 validation MAE {mae['int8']:.2f} exceeds float32's {mae['float32']:.2f} by {drift:.2f} months "
+                f"(> {INT8_MAX_MAE_DRIFT_MONTHS}); not written"
+            )
     chosen, _ = candidates[storage]
 
     one, sixteen = (images[:1], sex[:1]), (images[:16], sex[:16])
@@ -314,7 +428,6 @@ def export_run(
     }
     reliability = {}
     if calibration:
-        cache = cache_dir or (Path(config["cache_dir"]) if config.get("cache_dir") else None)
         reliability = calibrate(session, run_dir, spec, csv_path, cache, gate_train_count)
         report["calibration"] = {
             "interval_bands": len(reliability["interval"]["lower_edges"]),
@@ -343,6 +456,7 @@ def export_run(
             "opset": OPSET,
         },
         "weights_storage": storage,
+        **({"quantization": report["int8"]} if storage == "int8" else {}),
         "parity": report["storage"][storage]
         | {"images": len(images)}
         | {k: v for k, v in report.items() if k == "mixed_precision_drift_months"},

@@ -279,3 +279,29 @@ def test_a_resumed_huber_run_keeps_its_loss(tmp_path):
     # across the resume (with delta 1 it would collapse to ≈ 1).
     ratios = [float(r["val_loss"]) / float(r["val_mae"]) for r in rows]
     assert ratios[1] == pytest.approx(ratios[0], rel=0.5), ratios
+
+
+def test_int8_export_quantises_the_convolutions_checks_its_validation_drift_and_serves(tiny_run, tmp_path, monkeypatch):
+    from export import convert
+    from export.modelfile import open_session
+
+    images = sorted(THUMBNAILS.glob("*.png"))[:16]
+    out = tmp_path / "int8.onnx"
+    # A one-epoch model on 8 validation thumbnails: its drift is noise, so the bound is loosened here
+    # and the refusal is checked with an impossible one below.
+    monkeypatch.setattr(convert, "INT8_MAX_MAE_DRIFT_MONTHS", 50.0)
+    report = convert.export_run(tiny_run, out, images, "int8", timing_repeats=1, calibration=False)
+    session, modelfile = open_session(out)
+    ops = {n.op_type for n in __import__("onnx").load(str(out)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    assert modelfile.metadata["weights_storage"] == "int8"
+    assert modelfile.metadata["quantization"]["validation_images"] == report["int8"]["validation_images"] > 0
+    assert out.stat().st_size < report["storage"]["float32"]["size_mb"] * 1e6 / 2  # int8 weights
+    tensor = np.stack([load_file(p, modelfile.spec) for p in images[:4]])
+    months = session.run(["bone_age_months"], {"image": tensor, "sex": np.ones((4, 1), np.float32)})[0]
+    assert np.isfinite(months).all()
+
+    monkeypatch.setattr(convert, "INT8_MAX_MAE_DRIFT_MONTHS", -1.0)
+    with pytest.raises(convert.ExportError, match="int8 validation MAE"):
+        convert.export_run(tiny_run, tmp_path / "refused.onnx", images, "int8", timing_repeats=1, calibration=False)
+    assert not (tmp_path / "refused.onnx").exists()
