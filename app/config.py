@@ -49,6 +49,11 @@ class Settings(BaseSettings):
         description="An image the model cannot rate (unlike its training radiographs): 'refuse' answers 422, "
         "'warn' answers with a warning.",
     )
+    explain_concurrency: int = Field(
+        2,
+        ge=1,
+        description="Explanations computed at once (each is grid² + 1 model inputs); more wait their turn.",
+    )
     log_level: str = "INFO"
 
     @field_validator("api_key", mode="before")
@@ -72,6 +77,7 @@ class Settings(BaseSettings):
         framing = 64 * 1024
         return {
             "/v1/bone-age": self.max_upload_bytes + framing,
+            "/v1/bone-age/explain": self.max_upload_bytes + framing,
             "/v1/bone-age/json": self.max_upload_bytes * 4 // 3 + framing,
         }
 

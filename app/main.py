@@ -7,7 +7,6 @@ import logging
 import os
 import time
 import uuid
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,6 +26,7 @@ from app.batching import Batcher
 from app.config import Settings, get_settings
 from app.inference import Model, ProviderUnavailable
 from app.metrics import Metrics
+from app.privacy import keep_patient_data_out_of_logs
 from app.runtime import Runtime
 from export.modelfile import ModelFileError
 
@@ -71,7 +71,9 @@ async def lifespan(app: FastAPI):
     )
     pool = ThreadPoolExecutor(settings.preprocess_workers or os.cpu_count() or 1, thread_name_prefix="preprocess")
     batcher.start()
-    runtime = Runtime(settings, model, batcher, pool, metrics, ready=True)
+    runtime = Runtime(
+        settings, model, batcher, pool, metrics, ready=True, explaining=asyncio.Semaphore(settings.explain_concurrency)
+    )
     app.state.runtime = runtime
     log.info("ready: warmed up batch sizes 1–%d in %.1fs", settings.max_batch_size, time.perf_counter() - started)
     try:
@@ -80,6 +82,7 @@ async def lifespan(app: FastAPI):
         runtime.ready = False
         await batcher.stop()
         pool.shutdown(wait=True)
+        app.state.runtime = None  # the session (hundreds of MB at larger inputs) goes with the app's lifespan
         log.info("stopped")
 
 
@@ -90,10 +93,7 @@ def _configure_logging(level: str) -> None:
         log.addHandler(handler)
         log.propagate = False
     log.setLevel(level.upper())
-    # pydicom and highdicom warn about odd header values by quoting them ("The string "DOE^JANE" is
-    # unlikely…"): patient data that must not reach the log. Their warnings are dropped; what the
-    # service notices about an image goes into the answer's notes instead.
-    warnings.filterwarnings("ignore", module=r"(pydicom|highdicom)(\.|$)")
+    keep_patient_data_out_of_logs()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

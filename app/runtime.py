@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from app.batching import Batcher
 from app.config import Settings
@@ -19,3 +20,5 @@ class Runtime:
     pool: Executor
     metrics: Metrics
     ready: bool = False
+    #: Bounds explanations in progress (BONEAGE_EXPLAIN_CONCURRENCY): each one is many model inputs.
+    explaining: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))

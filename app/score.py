@@ -9,7 +9,7 @@ The same decode and preprocessing (``radiograph``), the same batcher (``app.batc
 HTTP. Rows are written as images finish, so a stopped run loses at most the images in flight;
 run the same command again and it skips every path already in ``--out``. Nothing is dropped:
 an image that cannot be read or rated gets a row with ``status`` ``error`` or ``refused`` and the
-reason.
+reason; a failure of the run itself (not of the image) is ``failed``, and a rerun retries it.
 
 For more than one machine, :func:`score_records` is the unit of work: hand it to an existing
 engine, e.g. ``dask.bag.from_sequence(records, npartitions=N).map_partitions(score_records,
@@ -21,20 +21,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import multiprocessing
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from app import assessment, quality
 from app.batching import Batcher
 from app.config import BUNDLED_MODEL
 from app.inference import Model
-from app.schemas import canonical_sex
+from app.privacy import keep_patient_data_out_of_logs
+from app.schemas import MAX_AGE_MONTHS, canonical_sex
 from radiograph import ImageError, load_model_input
 from radiograph.decode import DEFAULT_MAX_PIXELS, sniff_format
 
+MALE_COLUMN = {"true": "male", "1": "male", "yes": "male", "false": "female", "0": "female", "no": "female"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
 COLUMNS = [
     "path",
@@ -68,7 +72,7 @@ def find_records(source: Path) -> list[dict]:
         for path in sorted(p for p in source.rglob("*") if p.is_file()):
             if path.suffix.lower() in IMAGE_SUFFIXES or (not path.suffix and _is_dicom(path)):
                 paths.append(path)
-        return [{"path": str(p), "sex": None, "chronological_age_months": None} for p in paths]
+        return [{"path": str(p.resolve()), "sex": None, "chronological_age_months": None} for p in paths]
     records = []
     with source.open(newline="") as fh:
         reader = csv.DictReader(fh)
@@ -77,11 +81,12 @@ def find_records(source: Path) -> list[dict]:
         for row in reader:
             row_sex = row.get("sex") or None
             if row_sex is None and row.get("male"):
-                row_sex = "male" if row["male"].strip().lower() in ("true", "1", "yes") else "female"
+                # RSNA's column; anything unrecognised is kept as is, and gets an error row, not a guess.
+                row_sex = MALE_COLUMN.get(row["male"].strip().lower(), row["male"])
             path = Path(row["path"])
             records.append(
                 {
-                    "path": str(path if path.is_absolute() else source.parent / path),
+                    "path": str((path if path.is_absolute() else source.parent / path).resolve()),
                     "sex": row_sex,
                     "chronological_age_months": row.get("chronological_age_months") or None,
                 }
@@ -101,6 +106,7 @@ def _is_dicom(path: Path) -> bool:
 def _die_with_parent() -> None:
     """Pool initializer: on Linux, a worker gets SIGTERM when the scoring process dies (even by
     SIGKILL), instead of lingering forever with its memory, as multiprocessing's workers otherwise do."""
+    keep_patient_data_out_of_logs()
     if sys.platform.startswith("linux"):
         import ctypes
         import signal
@@ -144,8 +150,16 @@ async def _score_one(
         age = float(age) if age not in (None, "") else None
     except ValueError:
         return _row(record, "error", model, error=f"chronological_age_months is not a number: {age!r}")
+    if age is not None and not 0 < age <= MAX_AGE_MONTHS:
+        return _row(record, "error", model, error=f"chronological_age_months must be in (0, 300], not {age:g}")
+    notes = list(decoded.notes)
+    if requested and decoded.sex and decoded.sex != requested:
+        notes.append(f"The DICOM's PatientSex ({decoded.sex}) differs from the record; the record was used.")
     if age is None and decoded.age_months is not None:
-        age, age_source = decoded.age_months, "dicom"
+        if 0 < decoded.age_months <= MAX_AGE_MONTHS:
+            age, age_source = decoded.age_months, "dicom"
+        else:
+            notes.append("The DICOM's patient age is outside 0–300 months and was not used.")
     findings = quality.file_findings(decoded)
     prediction = None
     if not findings:
@@ -165,7 +179,7 @@ async def _score_one(
         "bone_age_months": round(months, 1),
         "bone_age_years": round(months / 12, 1),
         **facts,
-        "warnings": " ".join(decoded.notes) or None,
+        "warnings": " ".join(notes) or None,
     }
     if interval is not None:
         values.update(
@@ -182,8 +196,28 @@ async def _score_one(
     return _row(record, "ok", model, **values)
 
 
+class _Pool:
+    """The decode pool, replaced when a worker dies (a decoder crash, an out-of-memory kill)."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.executor = self._new()
+
+    def _new(self):
+        if multiprocessing.current_process().daemon:
+            # Inside a distributed engine's daemon worker (Dask, Ray), which may not start processes:
+            # decode in threads; the engine spreads the work across processes and machines.
+            return ThreadPoolExecutor(self.workers)
+        return ProcessPoolExecutor(self.workers, initializer=_die_with_parent)
+
+    def replace(self, broken) -> None:
+        if self.executor is broken:
+            broken.shutdown(wait=False, cancel_futures=True)
+            self.executor = self._new()
+
+
 async def _score(
-    records: Sequence[dict],
+    records: Iterable[dict],
     model: Model,
     on_row: Callable[[dict], None],
     batch_size: int,
@@ -194,24 +228,42 @@ async def _score(
 ) -> None:
     batcher = Batcher(model.predict, max_batch_size=batch_size, max_wait_s=0.002)
     batcher.start()
-    window = asyncio.Semaphore(max(4 * batch_size, 2 * workers))  # bounded memory on any archive size
-    with ProcessPoolExecutor(workers, initializer=_die_with_parent) as pool:
+    pool = _Pool(workers)
+    todo = iter(records)  # pulled one at a time: memory stays bounded on any archive size
 
-        async def one(record: dict) -> None:
-            async with window:
-                try:
-                    row = await _score_one(record, model, batcher, pool, level, max_pixels, default_sex)
-                except Exception as exc:  # nothing is silently lost: an unexpected failure is a row too
-                    row = _row(record, "error", model, error=f"unexpected: {exc!r}")
+    async def score(record: dict) -> dict:
+        executor = pool.executor
+        try:
+            return await _score_one(record, model, batcher, executor, level, max_pixels, default_sex)
+        except BrokenProcessPool:
+            pool.replace(executor)
+        # Every file in flight sees the broken pool; alone in a process of its own, only the culprit fails.
+        with ProcessPoolExecutor(1, initializer=_die_with_parent) as alone:
+            try:
+                return await _score_one(record, model, batcher, alone, level, max_pixels, default_sex)
+            except BrokenProcessPool:
+                return _row(record, "error", model, error="the decoder crashed on this file")
+
+    async def worker() -> None:
+        for record in todo:
+            try:
+                row = await score(record)
+            except Exception as exc:
+                # Not the image's fault (e.g. the batcher stopped): written as 'failed', which a rerun
+                # retries, rather than as a final 'error'. Nothing is silently lost either way.
+                row = _row(record, "failed", model, error=f"{type(exc).__name__}: {exc}")
             on_row(row)
 
-        await asyncio.gather(*(one(r) for r in records))
-    await batcher.stop()
+    try:
+        await asyncio.gather(*(worker() for _ in range(max(4 * batch_size, 2 * workers))))
+    finally:
+        await batcher.stop()
+        pool.executor.shutdown(wait=True, cancel_futures=True)
 
 
 def score_records(
     records: Iterable[dict],
-    model_path: str | Path = BUNDLED_MODEL,
+    model_path: str | Path | None = None,
     batch_size: int = 16,
     workers: int | None = None,
     level: float = 0.9,
@@ -221,7 +273,6 @@ def score_records(
 ) -> list[dict]:
     """Score records (see :func:`find_records`) → one row per record (any order); the unit of work
     for the CLI here and for a distributed engine's partitions."""
-    records = list(records)
     rows: list[dict] = []
 
     def keep(row: dict) -> None:
@@ -229,18 +280,36 @@ def score_records(
         if on_row is not None:
             on_row(row)
 
-    model = Model(model_path, os.environ.get("BONEAGE_PROVIDERS", "auto"))
+    model = Model(
+        model_path or os.environ.get("BONEAGE_MODEL_PATH", BUNDLED_MODEL), os.environ.get("BONEAGE_PROVIDERS", "auto")
+    )
     workers = workers or os.cpu_count() or 1
     asyncio.run(_score(records, model, keep, batch_size, workers, level, max_pixels, default_sex))
     return rows
 
 
+FINAL = ("ok", "refused", "error")
+
+
 def finished_paths(out: Path) -> set[str]:
-    """Paths already written to ``out`` (any status): a rerun skips them."""
+    """Paths already scored in ``out`` (ok, refused or error): a rerun skips them. Rows marked
+    'failed' (the run's fault, not the image's) are removed from the file, so a rerun scores them again."""
     if not out.is_file():
         return set()
     with out.open(newline="") as fh:
-        return {row["path"] for row in csv.DictReader(fh) if row.get("path")}
+        reader = csv.DictReader(fh)
+        fields, rows = reader.fieldnames, list(reader)
+    if fields and fields != COLUMNS:
+        raise SystemExit(f"{out} has other columns than app.score writes: not a results file of this tool")
+    final = [r for r in rows if r.get("status") in FINAL]
+    if len(final) != len(rows) and fields:
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        with tmp.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fields)
+            writer.writeheader()
+            writer.writerows(final)
+        tmp.replace(out)
+    return {r["path"] for r in final}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -263,12 +332,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from tqdm import tqdm
 
+    keep_patient_data_out_of_logs()
+
     records = find_records(args.source)
     done = finished_paths(args.out)
     todo = [r for r in records if r["path"] not in done]
     print(f"{len(records)} images; {len(done & {r['path'] for r in records})} already scored; {len(todo)} to go")
     new_file = not args.out.is_file() or args.out.stat().st_size == 0
-    counts = {"ok": 0, "refused": 0, "error": 0}
+    counts = {"ok": 0, "refused": 0, "error": 0, "failed": 0}
     with args.out.open("a", newline="") as fh, tqdm(total=len(todo), disable=args.no_progress, unit="img") as bar:
         writer = csv.DictWriter(fh, COLUMNS, extrasaction="ignore")
         if new_file:
@@ -281,8 +352,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             bar.update()
 
         score_records(todo, args.model, args.batch_size, args.workers, args.interval_level, write, default_sex=args.sex)
-    print(f"scored {len(todo)}: {counts['ok']} ok, {counts['refused']} refused, {counts['error']} errors → {args.out}")
-    return 0
+    print(
+        f"scored {len(todo)}: {counts['ok']} ok, {counts['refused']} refused, {counts['error']} errors, "
+        f"{counts['failed']} failed (rerun to retry) → {args.out}"
+    )
+    return 1 if counts["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -135,26 +135,6 @@ def store_weights_fp16(proto, min_elements: int = 1024):
     return proto
 
 
-def restore_float32(proto):
-    """Inverse of :func:`store_weights_fp16`: float32 initializers again (what quantisation reads)."""
-    from onnx import numpy_helper
-
-    graph = proto.graph
-    halves = {i.name: i for i in graph.initializer if i.name.endswith("__fp16")}
-    casts = [n for n in graph.node if n.op_type == "Cast" and len(n.input) == 1 and n.input[0] in halves]
-    restored = [
-        numpy_helper.from_array(numpy_helper.to_array(halves[n.input[0]]).astype(np.float32), n.output[0])
-        for n in casts
-    ]
-    kept = [i for i in graph.initializer if i.name not in halves]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + restored)
-    nodes = [n for n in graph.node if n not in casts]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return proto
-
-
 #: Operators quantised to int8. Convolutions carry nearly all of Xception's arithmetic; the small
 #: dense head that turns features into months stays float32, as does everything else.
 INT8_OPS = ("Conv",)

@@ -8,6 +8,7 @@ work the same way with ``BONEAGE_REQUIRE_TOOLS=1``.
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 from pathlib import Path
@@ -151,6 +152,8 @@ def make_client(bundled_model):
     yield make
     for client in clients:
         client.__exit__(None, None, None)
+    clients.clear()
+    gc.collect()  # each app holds an ONNX Runtime session: free it before the next test builds one
 
 
 @pytest.fixture

@@ -51,6 +51,13 @@ def test_pods_probe_readyz_and_healthz_run_as_non_root_and_drain_within_their_gr
         assert container["resources"]["requests"] and container["resources"]["limits"]
         pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
         assert pod["terminationGracePeriodSeconds"] > pause + graceful
+        env = {e["name"]: e for e in container["env"]}
+        # Every pod behind the one Service honours the API key; none may be a way around it.
+        assert env["BONEAGE_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "boneage"
+        # Bodies in flight at worst (queue × upload limit) fit the memory limit with room to spare.
+        limit_mib = int(container["resources"]["limits"]["memory"].removesuffix("Gi")) * 1024
+        worst = int(env["BONEAGE_QUEUE_SIZE"]["value"]) * int(env["BONEAGE_MAX_UPLOAD_MB"]["value"])
+        assert worst <= limit_mib / 2, (deployment["metadata"]["name"], worst, limit_mib)
     gpu = next(d for d in deployments if d["metadata"]["name"] == "boneage-gpu")
     container = gpu["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1

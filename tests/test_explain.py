@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from app.explain import occluded_copies
+from radiograph import load_model_input
 from tests.conftest import HALFRES_PNG, SMALL_DICOM
 from tests.test_api import is_problem, post
 
@@ -41,6 +42,14 @@ def test_explain_gives_the_same_bone_age_with_a_grid_and_an_overlay_of_what_the_
     grid = np.array(heat["change_months"])
     assert grid.shape == (6, 6) and heat["model_inputs"] == 37
     assert np.abs(grid).max() > 0.5  # covering parts of a hand changes the answer
+    # Each cell is that square's covered copy through the served model, minus the whole image's answer.
+    runtime = client.app.state.runtime
+    tensor, _ = load_model_input(HALFRES_PNG.read_bytes(), runtime.model.spec)
+    copies = occluded_copies(tensor, 6)
+    sex = np.zeros((len(copies), 1), np.float32)
+    base = runtime.model.predict(tensor[None], sex[:1])[0].months
+    expected = np.array([p.months for p in runtime.model.predict(copies, sex)]).reshape(6, 6) - base
+    np.testing.assert_allclose(grid, expected, atol=0.02)
     assert "not evidence" in heat["caveat"]
     overlay = Image.open(io.BytesIO(base64.b64decode(heat["overlay_png_base64"])))
     side = client.get("/v1/model").json()["preprocessing"]["input_size"]

@@ -103,6 +103,19 @@ def test_a_dicom_fills_sex_and_age_from_its_header(browser, site, tmp_path):
     browser.save_screenshot(str(tmp_path / "dicom.png"))
 
 
+def test_the_next_file_does_not_inherit_sex_and_age_filled_from_the_previous_dicom(browser, site):
+    upload(browser, site, SMALL_DICOM)
+    wait_for(browser, lambda b: shown(b, "bone-age"))
+    assert Select(browser.find_element(By.ID, "sex")).first_selected_option.get_attribute("value") == "female"
+    # Another patient's PNG: the DICOM's sex and age are cleared, so the service asks for the sex.
+    browser.find_element(By.ID, "image").send_keys(str(HALFRES_PNG.resolve()))
+    assert Select(browser.find_element(By.ID, "sex")).first_selected_option.get_attribute("value") == ""
+    assert browser.find_element(By.ID, "age-years").get_attribute("value") == ""
+    browser.find_element(By.ID, "submit").click()
+    wait_for(browser, lambda b: b.find_element(By.ID, "error").is_displayed())
+    assert "sex is required" in shown(browser, "error")
+
+
 def test_a_refused_image_shows_its_message_in_plain_words(browser, site, tmp_path):
     skimage_data = pytest.importorskip("skimage.data")
     photo = tmp_path / "astronaut.png"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from app.score import find_records, score_records
+from app.score import COLUMNS, find_records, score_records
 from tests.conftest import HALFRES_PNG, HOSPITAL_JPEG, SMALL_DICOM, THUMBNAILS
 from tests.test_api import post
 
@@ -150,5 +150,46 @@ def test_a_distributed_engine_runs_the_same_function_on_partitions(archive, tmp_
     rows = bag.from_sequence(records, npartitions=2).map_partitions(score_records).compute(scheduler="processes")
     assert len(rows) == len(records)
     for row in rows:
-        assert row["status"] == local[row["path"]]["status"]
-        assert row.get("bone_age_months") == local[row["path"]].get("bone_age_months")
+        assert row["status"] == local[row["path"]]["status"] == "ok", row
+        assert row["bone_age_months"] == local[row["path"]]["bone_age_months"]
+
+
+def _score_in_daemon(records, queue) -> None:
+    queue.put(score_records(records))
+
+
+def test_inside_a_daemon_worker_as_distributed_engines_run_it_decoding_falls_back_to_threads(archive):
+    """Dask's distributed workers and Ray's are daemon processes, which may not start a process pool."""
+    import multiprocessing
+
+    records = [r for r in find_records(archive) if r["path"].endswith("IM000001")]
+    queue = multiprocessing.get_context("fork").Queue()
+    process = multiprocessing.get_context("fork").Process(target=_score_in_daemon, args=(records, queue), daemon=True)
+    process.start()
+    rows = queue.get(timeout=120)
+    process.join(timeout=30)
+    assert [r["status"] for r in rows] == ["ok"], rows
+
+
+def test_bad_records_get_error_rows_and_failed_rows_are_retried_by_the_next_run(tmp_path):
+    listing = tmp_path / "cohort.csv"
+    listing.write_text(
+        "path,male,chronological_age_months\n"
+        f"{HALFRES_PNG},unknown,40\n"  # not a sex: an error row, not a guess
+        f"{HOSPITAL_JPEG},True,400\n"  # an impossible age
+        f"{SMALL_DICOM},False,\n"
+    )
+    out = tmp_path / "results.csv"
+    # A previous run that failed on the DICOM through no fault of the image (e.g. its batcher stopped).
+    with out.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, COLUMNS)
+        writer.writeheader()
+        writer.writerow({"path": str(SMALL_DICOM.resolve()), "status": "failed", "error": "BatchFailed: stopped"})
+    done = run_score(listing, "--out", out)
+    assert done.returncode == 0, done.stderr
+    assert "0 already scored; 3 to go" in done.stdout
+    rows = {Path(r["path"]).name: r for r in read_rows(out)}
+    assert len(read_rows(out)) == 3  # the failed row was replaced, not duplicated
+    assert rows[HALFRES_PNG.name]["status"] == "error" and "sex" in rows[HALFRES_PNG.name]["error"]
+    assert rows[HOSPITAL_JPEG.name]["status"] == "error" and "(0, 300]" in rows[HOSPITAL_JPEG.name]["error"]
+    assert rows[SMALL_DICOM.name]["status"] == "ok"

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.api.bone_age import PREDICTION_PATHS
 from bench import server
 from tests.conftest import HALFRES_PNG, SMALL_DICOM, THUMBNAILS
 
@@ -261,9 +262,11 @@ def test_an_oversize_upload_is_refused_at_the_door(tmp_path, bundled_model):
         port = int(url.rsplit(":", 1)[1])
         # Declared 100 MB, none of it sent: answered at once.
         started = time.monotonic()
-        head, problem = declared_but_unsent(port, "/v1/bone-age", "multipart/form-data; boundary=b", 100_000_000)
-        assert time.monotonic() - started < 2
-        assert head.startswith("HTTP/1.1 413") and "100,000,000 bytes" in problem["detail"], head
+        for path in sorted(PREDICTION_PATHS):  # every prediction endpoint, the explanation included
+            kind = "application/json" if path.endswith("/json") else "multipart/form-data; boundary=b"
+            head, problem = declared_but_unsent(port, path, kind, 100_000_000)
+            assert head.startswith("HTTP/1.1 413") and "100,000,000 bytes" in problem["detail"], (path, head)
+        assert time.monotonic() - started < 2 * len(PREDICTION_PATHS)
         # Chunked, no length: refused once the bytes that arrived pass the limit, not at the end.
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(
@@ -282,5 +285,8 @@ def test_an_oversize_upload_is_refused_at_the_door(tmp_path, bundled_model):
         assert head.startswith("HTTP/1.1 413") and "more than" in problem["detail"], head
         text = httpx.get(url + "/metrics").text
         assert metric(text, 'boneage_requests_total{endpoint="/v1/bone-age",status="413"}') == 1
-        assert metric(text, 'boneage_requests_total{endpoint="/v1/bone-age/json",status="413"}') == 1
+        assert metric(text, 'boneage_requests_total{endpoint="/v1/bone-age/explain",status="413"}') == 1
+        assert (
+            metric(text, 'boneage_requests_total{endpoint="/v1/bone-age/json",status="413"}') == 2
+        )  # declared + chunked
         assert httpx.get(url + "/readyz").status_code == 200

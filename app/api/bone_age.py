@@ -104,13 +104,20 @@ SexForm = Annotated[
 AgeForm = Annotated[float | None, Form(gt=0, le=MAX_AGE_MONTHS, description="Optional; read from a DICOM if absent.")]
 
 
+async def _early_source(runtime: Runtime, data: bytes, format_: str):
+    """For a DICOM result, the upload's header, read before any inference (a PNG is refused at once)."""
+    if format_ != "dicom-sr":
+        return None
+    return await asyncio.get_running_loop().run_in_executor(runtime.pool, _source, data)
+
+
 async def _answer(
-    runtime: Runtime, answer: BoneAgeResponse, request: Request, format_: str, data: bytes
+    runtime: Runtime, answer: BoneAgeResponse, request: Request, format_: str, source
 ) -> BoneAgeResponse | Response:
     """The plain answer, or the same answer as a FHIR Observation or DICOM SR when the client asks for one."""
     if format_ == "dicom-sr":
         loop = asyncio.get_running_loop()
-        report = await loop.run_in_executor(runtime.pool, _report, answer, data)
+        report = await loop.run_in_executor(runtime.pool, _report, answer, source)
         return Response(report, media_type=dicom.MEDIA_TYPE, headers=_attachment("bone-age-sr.dcm"))
     if format_ == "fhir" or fhir.MEDIA_TYPE in request.headers.get("accept", ""):
         return JSONResponse(fhir.observation(answer), media_type=fhir.MEDIA_TYPE)
@@ -128,12 +135,55 @@ def _source(data: bytes):
         raise ProblemError(422, str(exc), "DICOM result needs a DICOM upload") from None
 
 
-def _report(answer: BoneAgeResponse, data: bytes) -> bytes:
-    return dicom.to_bytes(dicom.structured_report(answer, _source(data)))
+def _report(answer: BoneAgeResponse, source) -> bytes:
+    if answer.warnings:  # only in warn mode: an image the model cannot rate gets no record entry
+        raise ProblemError(
+            422,
+            "No DICOM SR for an image flagged as one the model cannot rate: " + " ".join(answer.warnings),
+            "DICOM result not possible",
+            type_=quality.PROBLEM_TYPE,
+        )
+    return _built(lambda: dicom.structured_report(answer, source))
 
 
-def _capture(overlay, answer: BoneAgeResponse, data: bytes) -> bytes:
-    return dicom.to_bytes(dicom.secondary_capture(overlay, _source(data), answer))
+def _capture(overlay, answer: BoneAgeResponse, source) -> bytes:
+    return _built(lambda: dicom.secondary_capture(overlay, source, answer))
+
+
+def _built(build) -> bytes:
+    """A DICOM result, or a 422 when the upload's header lacks what one needs (no header values quoted)."""
+    try:
+        return dicom.to_bytes(build())
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise ProblemError(
+            422,
+            f"This DICOM's header lacks what a DICOM result needs ({type(exc).__name__}); use the JSON or FHIR answer.",
+            "DICOM result not possible",
+        ) from None
+
+
+async def _predict_copies(runtime: Runtime, copies: np.ndarray, sex: float) -> list[Prediction]:
+    """The occluded copies through the batcher, a batch's worth at a time so other clients' requests
+    interleave; on a failure or timeout the copies not yet run are cancelled, not left to the model."""
+    timeout = runtime.settings.request_timeout_s
+    deadline = time.monotonic() + timeout
+    step = runtime.settings.max_batch_size
+    results: list[Prediction] = []
+    for i in range(0, len(copies), step):
+        tasks = [
+            asyncio.ensure_future(runtime.batcher.submit(c, sex, max(deadline - time.monotonic(), 0.001)))
+            for c in copies[i : i + step]
+        ]
+        try:
+            results += await asyncio.gather(*tasks)
+        except TimeoutError:
+            raise ProblemError(504, f"The explanation took longer than {timeout:g} s.", "Timed out") from None
+        except BatchFailed:
+            raise ProblemError(503, "Inference failed while explaining; retry.", "Explanation failed") from None
+        finally:
+            for task in tasks:
+                task.cancel()  # no-op for those done; the others leave the queue unanswered
+    return results
 
 
 def _patient_facts(decoded: DecodedImage, requested: Sex | None, age: float | None):
@@ -165,6 +215,7 @@ class _Assessed:
     answer: BoneAgeResponse
     tensor: np.ndarray  # the model input, for an explanation
     sex: float  # the model's sex input (male = 1)
+    months: float  # the prediction before rounding (the heatmap's baseline)
 
 
 async def _assess(runtime: Runtime, request: Request, data: bytes, sex: Sex | None, age: float | None) -> _Assessed:
@@ -221,7 +272,7 @@ async def _assess(runtime: Runtime, request: Request, data: bytes, sex: Sex | No
         notes=notes,
         warnings=findings,
     )
-    return _Assessed(answer, tensor, sex_input)
+    return _Assessed(answer, tensor, sex_input, months)
 
 
 def _refuse_if(findings: list[str], runtime: Runtime) -> None:
@@ -254,8 +305,9 @@ async def bone_age(
 ) -> BoneAgeResponse | JSONResponse:
     """Bone age from an uploaded radiograph (multipart form)."""
     data = await image.read(runtime.settings.max_upload_bytes + 1)
+    source = await _early_source(runtime, data, format)
     assessed = await _assess(runtime, request, data, sex, chronological_age_months)
-    return await _answer(runtime, assessed.answer, request, format, data)
+    return await _answer(runtime, assessed.answer, request, format, source)
 
 
 def parse_json_request(raw: bytes) -> tuple[bytes, BoneAgeJsonRequest]:
@@ -296,8 +348,9 @@ async def bone_age_json(
     raw = await request.body()
     loop = asyncio.get_running_loop()
     data, body = await loop.run_in_executor(runtime.pool, parse_json_request, raw)
+    source = await _early_source(runtime, data, format)
     assessed = await _assess(runtime, request, data, body.sex, body.chronological_age_months)
-    return await _answer(runtime, assessed.answer, request, format, data)
+    return await _answer(runtime, assessed.answer, request, format, source)
 
 
 @router.post(
@@ -331,21 +384,16 @@ async def explain_bone_age(
     """
     data = await image.read(runtime.settings.max_upload_bytes + 1)
     started = time.perf_counter()
-    assessed = await _assess(runtime, request, data, sex, chronological_age_months)
     loop = asyncio.get_running_loop()
-    copies = await loop.run_in_executor(runtime.pool, explain.occluded_copies, assessed.tensor, grid)
-    timeout = runtime.settings.request_timeout_s
-    try:
-        results = await asyncio.gather(*(runtime.batcher.submit(c, assessed.sex, timeout) for c in copies))
-    except TimeoutError:
-        raise ProblemError(504, f"The explanation took longer than {timeout:g} s.", "Timed out") from None
-    except BatchFailed:
-        raise ProblemError(503, "Inference failed while explaining; retry.", "Explanation failed") from None
-    base = assessed.answer.bone_age_months
-    heat = explain.heatmap(base, np.array([r.months for r in results]), grid)
+    source = await loop.run_in_executor(runtime.pool, _source, data) if format == "dicom-sc" else None
+    assessed = await _assess(runtime, request, data, sex, chronological_age_months)
+    async with runtime.explaining:
+        copies = await loop.run_in_executor(runtime.pool, explain.occluded_copies, assessed.tensor, grid)
+        results = await _predict_copies(runtime, copies, assessed.sex)
+    heat = explain.heatmap(assessed.months, np.array([r.months for r in results]), grid)
     overlay = await loop.run_in_executor(runtime.pool, explain.overlay_rgb, assessed.tensor, heat)
     if format == "dicom-sc":
-        capture = await loop.run_in_executor(runtime.pool, _capture, overlay, assessed.answer, data)
+        capture = await loop.run_in_executor(runtime.pool, _capture, overlay, assessed.answer, source)
         return Response(capture, media_type=dicom.MEDIA_TYPE, headers=_attachment("bone-age-heatmap-sc.dcm"))
     return ExplainResponse(
         bone_age=assessed.answer,

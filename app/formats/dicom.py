@@ -27,6 +27,12 @@ BONE_AGE = hd.sr.CodedConcept("85151-9", "LN", "Bone age")
 MONTHS = hd.sr.CodedConcept("mo", "UCUM", "month")
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 CLASSIFICATION = hd.sr.CodedConcept("classification", PRIVATE, "Bone age vs. chronological age (G&P +/- 2 SD)")
+AGE = hd.sr.CodedConcept("30525-0", "LN", "Age")
+SEX_USED = hd.sr.CodedConcept("sex-used", PRIVATE, "Sex the bone age was estimated for")
+SEXES = {
+    "male": hd.sr.CodedConcept("248153007", "SCT", "Male"),
+    "female": hd.sr.CodedConcept("248152002", "SCT", "Female"),
+}
 CLASSES = {
     name: hd.sr.CodedConcept(name, PRIVATE, name.capitalize())
     for name in ("delayed", "normal", "advanced", "indeterminate")
@@ -81,7 +87,10 @@ def structured_report(answer: BoneAgeResponse, source: pydicom.Dataset) -> pydic
         for bound, value in (("lower", interval.lower), ("upper", interval.upper)):
             name = f"Bone age {interval.level:.0%} prediction interval, {bound} bound"
             measurements.append(measurement(hd.sr.CodedConcept(f"interval-{bound}", PRIVATE, name), value))
-    evaluations = []
+    # What the estimate and its comparison were computed with: the request may differ from the header.
+    evaluations = [hd.sr.QualitativeEvaluation(SEX_USED, SEXES[answer.sex])]
+    if answer.chronological_age_months is not None:
+        measurements.append(measurement(AGE, answer.chronological_age_months))
     verdict = answer.assessment
     if verdict is not None:
         if verdict.z_score is not None:
@@ -93,13 +102,16 @@ def structured_report(answer: BoneAgeResponse, source: pydicom.Dataset) -> pydic
         algorithm_id=algorithm,
         method=hd.sr.CodedConcept("greulich-pyle-automated", PRIVATE, "Greulich & Pyle, automated"),
         measurements=measurements,
-        qualitative_evaluations=evaluations or None,
+        qualitative_evaluations=evaluations,
         source_images=[hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID)],
     )
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=generate_uid(), name=answer.model.name, model_name=answer.model.version, manufacturer_name=MANUFACTURER
+            uid=generate_uid(),
+            name=answer.model.name,
+            model_name=f"{answer.model.name} {answer.model.version}",
+            manufacturer_name=MANUFACTURER,
         ),
     )
     report = hd.sr.MeasurementReport(
