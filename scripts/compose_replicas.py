@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -130,6 +131,7 @@ def main() -> int:
         }
     finally:
         compose("--profile", "replicas", "down", "--remove-orphans", check=False)
+    report["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)  # how busy the machine was
     (ROOT / "docs" / "replicas.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     failed = sum(n for s, n in report["rolling_restart"]["statuses"].items() if s != 200)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -150,6 +151,8 @@ def main() -> int:
     finally:
         compose("down", "--remove-orphans", check=False)
     report["date"] = time.strftime("%Y-%m-%d")
+    # Other work on the machine slows the start: the load average says how busy it was.
+    report["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(report, indent=2))
     (ROOT / "docs" / "compose-smoke.json").write_text(json.dumps(report, indent=2) + "\n")
     ok = (
