@@ -35,6 +35,14 @@ MAX_COLOURFULNESS = 25.0
 MAX_WIDTH_TO_HEIGHT = 1.25
 
 
+#: Above both (median of the picture's outer frame, and of the whole picture, after normalisation to
+#: [0, 1]) a picture is an inverted radiograph: white background, dark bones. Measured here: of
+#: 11,703 real hand radiographs (RSNA training set, half- and full-resolution sets, hospital, infant,
+#: DICOM) none has both above 0.9 (six photographed films have a bright surround, with a whole-picture
+#: median up to 0.88); inverted hands have both at 0.94–1.0.
+MAX_INVERTED_BRIGHTNESS = 0.9
+
+
 def file_findings(decoded: DecodedImage) -> list[str]:
     """What the file alone shows (before the model runs)."""
     findings = []
@@ -51,6 +59,11 @@ def file_findings(decoded: DecodedImage) -> list[str]:
                 "is upright and taller than wide. It may be turned on its side, cropped to the fingers, or show "
                 "both hands; send one upright posteroanterior view of the left hand."
             )
+    if decoded.brightness is not None and min(decoded.brightness) > MAX_INVERTED_BRIGHTNESS:
+        findings.append(
+            "The picture looks inverted: its background is white and the bones dark, where a radiograph shows "
+            "bone white on a dark background. Send the radiograph as the modality stored it (DICOM where possible)."
+        )
     return findings
 
 

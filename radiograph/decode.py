@@ -57,6 +57,9 @@ class DecodedImage:
     #: (height, width) of the picture inside its uniform borders, set by preprocessing
     #: (``radiograph.load_model_input``): how the hand is framed, before it is squared.
     content_shape: tuple[int, int] | None = None
+    #: (median of its outer 8% frame, median of the whole) of that picture after normalisation to
+    #: [0, 1], set by preprocessing: a radiograph's background is dark; an inverted one's is white.
+    brightness: tuple[float, float] | None = None
 
 
 def sniff_format(data: bytes) -> Literal["png", "jpeg", "dicom"]:

@@ -70,6 +70,17 @@ def test_a_colour_photograph_is_refused_as_an_image_that_cannot_be_rated(client)
     assert "boneage_out_of_distribution_total 1.0" in client.get("/metrics").text
 
 
+def test_an_inverted_radiograph_is_refused_and_the_same_radiograph_upright_is_not(client):
+    """White background, dark bones: a radiograph exported or scanned inverted is not rated as it is."""
+    from bench.negatives import _grey8, _png
+
+    hand = _grey8(HALFRES_PNG)
+    assert post(client, _png(hand), "hand.png").status_code == 200
+    response = post(client, _png(255 - hand), "inverted.png")
+    assert response.status_code == 422 and response.json()["type"] == OOD
+    assert "inverted" in response.json()["detail"]
+
+
 def test_set_to_warn_the_service_answers_with_the_reason_as_a_warning(make_client):
     response = post(make_client(out_of_distribution="warn"), photograph("coffee.png"), "coffee.png")
     assert response.status_code == 200 and "photograph" in response.json()["warnings"][0]
