@@ -291,6 +291,24 @@ def table(rows: list[dict], with_batch: bool) -> list[str]:
     return lines
 
 
+def compare_lines(results: dict) -> list[str]:
+    """Model alone by batch size (ms per image) and the whole pipeline, the served model beside others."""
+    if not results.get("compare"):
+        return []
+    models = {results["model"]: results["limit"], **results["compare"]}
+    names = list(models)
+    lines = [
+        "### Model files side by side (same run, same images)",
+        "",
+        "| batch | " + " | ".join(f"{n} ms/image" for n in names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for b in results["limit"]["inference"]:
+        lines.append(f"| {b} | " + " | ".join(f"{models[n]['inference'][b]['ms_per_image']:.2f}" for n in names) + " |")
+    lines.append("| pipeline img/s | " + " | ".join(f"{models[n]['pipeline_images_per_s']:.1f}" for n in names) + " |")
+    return [*lines, ""]
+
+
 def report(results: dict, command: str) -> str:
     m, lim, r = results["machine"], results["limit"], results["ratios"]
     ok = {k: (r[k] >= v if k != "p99_half_peak_vs_lone" else r[k] <= v) for k, v in TARGETS.items()}
@@ -337,6 +355,7 @@ def report(results: dict, command: str) -> str:
         f"Whole pipeline (decode + preprocess in {m['cores']} threads overlapping ONNX Runtime at batch "
         f"{lim['best_batch']}): **{lim['pipeline_images_per_s']:.1f} images/s** over {lim['pipeline_images']} images.",
         "",
+        *compare_lines(results),
         "## The service (uvicorn, dynamic batching, default settings)",
         "",
         *table(results["service"], True),
@@ -406,6 +425,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--model", type=Path, default=BUNDLED_MODEL)
     parser.add_argument("--keras-model", type=Path, help="a .keras file for the per-request baseline")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        action="append",
+        default=[],
+        help="another model file (e.g. the int8 one) measured beside --model: model alone and pipeline",
+    )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per level")
     parser.add_argument("--concurrency", default="1,2,4,8,16,32,64")
     parser.add_argument("--quick", action="store_true", help="tiny load, no settings sweep (smoke test)")
@@ -439,6 +465,15 @@ def main(argv: list[str] | None = None) -> int:
     results["limit"] = measure_limit(model, halfres, [1, 2, 4, 8, 16, 32], 2 if args.quick else 10)
     print(f"  {results['limit']['pipeline_images_per_s']:.1f} images/s at batch {results['limit']['best_batch']}")
     del model
+    results["compare"] = {}
+    for other in args.compare:  # the same measurement, same run, same images: side by side
+        print(f"limit: bare pipeline with {other.name}", flush=True)
+        results["compare"][other.name] = measure_limit(
+            Model(other, os.environ.get("BONEAGE_PROVIDERS", "auto")),
+            halfres,
+            [1, 2, 4, 8, 16, 32],
+            2 if args.quick else 10,
+        )
 
     logs = args.out / "bench-logs"
     logs.mkdir(exist_ok=True)
