@@ -87,3 +87,15 @@ def test_every_setting_is_documented_in_the_readme():
 
 def test_the_rsna_attribution_is_in_the_readme():
     assert "Halabi SS" in README and "Radiology" in README
+
+
+def test_the_bundled_model_file_names_no_path_of_the_machine_it_was_built_on():
+    """Issue 12: the model file's metadata is public (GET /v1/model): no local folders in it."""
+    import json
+
+    from export.modelfile import open_session
+
+    _, modelfile = open_session(ROOT / "models" / "boneage.onnx")
+    text = json.dumps(modelfile.metadata)
+    leaks = re.findall(r"(?:^|[\"\s])(/(?:root|home|work|tmp|Users|mnt|srv|data)/[^\"]*)", text)
+    assert not leaks, leaks
