@@ -159,3 +159,10 @@ def make_client(bundled_model):
 @pytest.fixture
 def client(make_client):
     return make_client()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """The service runs on asyncio (uvicorn's loop); with trio installed (Selenium brings it), anyio
+    would otherwise run the async tests on both."""
+    return "asyncio"
