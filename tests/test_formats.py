@@ -4,6 +4,7 @@ Secondary Capture (read back with pydicom and dcmtk)."""
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 
 import pydicom
@@ -42,11 +43,10 @@ def test_accept_fhir_returns_a_valid_bone_age_observation_that_says_what_the_api
     assert float(band.high.value) == pytest.approx(120 + 2 * verdict["sd_months"], abs=0.051)
     components = {c.code.text: float(c.valueQuantity.value) for c in obs.component}
     assert components["Bone age z-score (Greulich & Pyle SD)"] == pytest.approx(verdict["z_score"], abs=0.005)
-    interval = plain["bone_age_interval_months"]
-    if interval is not None:
-        level = f"{interval['level']:.0%}"
-        assert components[f"Bone age, {level} prediction interval, lower bound"] == interval["lower"]
-        assert components[f"Bone age, {level} prediction interval, upper bound"] == interval["upper"]
+    interval = plain["bone_age_interval_months"]  # the bundled model is calibrated: always an interval
+    level = f"{interval['level']:.0%}"
+    assert components[f"Bone age, {level} prediction interval, lower bound"] == interval["lower"]
+    assert components[f"Bone age, {level} prediction interval, upper bound"] == interval["upper"]
 
 
 def test_format_fhir_works_without_headers_and_on_the_json_endpoint(client):
@@ -99,8 +99,10 @@ def test_a_dicom_upload_can_be_answered_with_a_structured_report_in_its_own_stud
     assert f"{verdict['classification']},99BONEAGE" in text
     assert f'"{verdict["z_score"]:g}" (1,UCUM' in text
     interval = plain["bone_age_interval_months"]
-    if interval is not None:
-        assert f'="{interval["lower"]:g}" (mo,UCUM' in text and f'="{interval["upper"]:g}" (mo,UCUM' in text
+    assert f'="{interval["lower"]:g}" (mo,UCUM' in text and f'="{interval["upper"]:g}" (mo,UCUM' in text
+    age = re.search(r'NUM:\(,,"Age"\)="([0-9.]+)" \(mo,UCUM', text)
+    assert age and float(age[1]) == plain["chronological_age_months"], text
+    assert 'CODE:(,,"Sex the bone age was estimated for")=(248152002,SCT,"Female")' in text
 
 
 def test_the_heatmap_can_go_back_as_a_secondary_capture_in_the_same_study(client):
