@@ -248,8 +248,10 @@ def test_evaluation_through_the_running_service_writes_the_report(tmp_path, bund
     with running_service(tmp_path, model_path=bundled_model) as (url, _, _):
         assert evaluate(["--service", url, "--csv", str(THUMBNAILS_CSV), "--out", str(tmp_path / "eval")]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics["n"] == 40 and metrics["mae"] > 0
-    assert len((tmp_path / "eval" / "predictions.csv").read_text().splitlines()) == 41
+    # A thumbnail the quality gate refuses is reported as refused, not as an error or a crash.
+    refused = metrics.get("refused", {"n": 0, "ids": []})
+    assert metrics["n"] + refused["n"] == 40 and metrics["mae"] > 0 and refused["n"] == len(refused["ids"])
+    assert len((tmp_path / "eval" / "predictions.csv").read_text().splitlines()) == metrics["n"] + 1
 
 
 def test_an_oversize_upload_is_refused_at_the_door(tmp_path, bundled_model):

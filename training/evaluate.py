@@ -138,6 +138,9 @@ def format_metrics(metrics: dict) -> str:
         f"bias={metrics['bias']:+.2f}  within 12 mo={metrics['within_12_months']:.1%}  "
         f"(mean-predictor MAE {metrics['mean_predictor_mae']:.2f})"
     ]
+    if metrics.get("refused"):
+        refused = metrics["refused"]
+        lines.append(f"  refused by the service's quality gate: {refused['n']} ({', '.join(refused['ids'])})")
     for group in ("by_sex", "by_age_band"):
         parts = [f"{k}: {v['mae']:.2f} (n={v['n']})" if v["n"] else f"{k}: – (n=0)" for k, v in metrics[group].items()]
         lines.append("  " + "  ".join(parts))
@@ -150,7 +153,11 @@ def predict_keras(model, images: np.ndarray, sex: np.ndarray, batch_size: int = 
 
 
 def predict_service(url: str, paths: Sequence[Path], male: np.ndarray, api_key: str | None = None) -> np.ndarray:
-    """Bone age for each image as the running service answers it (the path a user's upload takes)."""
+    """Bone age for each image as the running service answers it (the path a user's upload takes).
+
+    An image the service refuses as one it cannot rate (its quality gate) is NaN: a refusal is an
+    answer, reported beside the error of the rest; any other failure stops the evaluation.
+    """
     import httpx
 
     headers = {"X-API-Key": api_key} if api_key else {}
@@ -162,6 +169,9 @@ def predict_service(url: str, paths: Sequence[Path], male: np.ndarray, api_key: 
                 files={"image": (path.name, path.read_bytes())},
                 data={"sex": "male" if is_male else "female"},
             )
+            if response.status_code == 422 and response.json().get("type") == "/problems/out-of-distribution":
+                out.append(np.nan)
+                continue
             if response.status_code != 200:
                 raise RuntimeError(f"{path.name}: service answered {response.status_code}: {response.text}")
             out.append(response.json()["bone_age_months"])
@@ -201,7 +211,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         pred = predict_keras(keras.models.load_model(args.model), images, sex, args.batch_size)
         title = args.csv.parent.name
     out = args.out or args.model.parent / f"eval-{args.csv.parent.name}"
-    metrics = write_report(out, [s.image_id for s in samples], age, pred, male, title)
+    ids = [s.image_id for s in samples]
+    answered = ~np.isnan(pred)
+    metrics = write_report(
+        out, [i for i, a in zip(ids, answered, strict=True) if a], age[answered], pred[answered], male[answered], title
+    )
+    refused = [i for i, a in zip(ids, answered, strict=True) if not a]
+    if refused:  # by the service's quality gate; the error above is over the images it answered
+        metrics["refused"] = {"n": len(refused), "ids": refused}
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(format_metrics(metrics))
     print(f"report: {out}")
     return 0
