@@ -33,6 +33,7 @@ from app import assessment, quality
 from app.batching import Batcher
 from app.config import BUNDLED_MODEL
 from app.inference import Model
+from app.patient import patient_facts
 from app.privacy import keep_patient_data_out_of_logs
 from app.schemas import MAX_AGE_MONTHS, canonical_sex
 from radiograph import ImageError, load_model_input
@@ -140,26 +141,25 @@ async def _score_one(
     requested = canonical_sex(record.get("sex"))
     if requested not in (None, "male", "female"):
         return _row(record, "error", model, error=f"sex must be male or female, not {record['sex']!r}")
-    sex, sex_source = (requested, "record") if requested else (decoded.sex, "dicom")
-    if sex is None and default_sex is not None:
-        sex, sex_source = default_sex, "default"
-    if sex is None:
+    if not requested and not decoded.sex and default_sex is None:
         return _row(record, "error", model, error="sex unknown: the image carries none; give it in the CSV or --sex")
-    age, age_source = record.get("chronological_age_months"), "record"
+    age = record.get("chronological_age_months")
     try:
         age = float(age) if age not in (None, "") else None
     except ValueError:
         return _row(record, "error", model, error=f"chronological_age_months is not a number: {age!r}")
     if age is not None and not 0 < age <= MAX_AGE_MONTHS:
         return _row(record, "error", model, error=f"chronological_age_months must be in (0, 300], not {age:g}")
-    notes = list(decoded.notes)
-    if requested and decoded.sex and decoded.sex != requested:
-        notes.append(f"The DICOM's PatientSex ({decoded.sex}) differs from the record; the record was used.")
-    if age is None and decoded.age_months is not None:
-        if 0 < decoded.age_months <= MAX_AGE_MONTHS:
-            age, age_source = decoded.age_months, "dicom"
-        else:
-            notes.append("The DICOM's patient age is outside 0–300 months and was not used.")
+    patient = patient_facts(decoded, requested, age, given_by="record")
+    sex, sex_source, age, age_source, notes = (
+        patient.sex,
+        patient.sex_source,
+        patient.age_months,
+        patient.age_source,
+        patient.notes,
+    )
+    if sex is None:
+        sex, sex_source = default_sex, "default"
     findings = quality.file_findings(decoded)
     prediction = None
     if not findings:

@@ -160,6 +160,8 @@ def predict_service(url: str, paths: Sequence[Path], male: np.ndarray, api_key: 
     """
     import httpx
 
+    from app.quality import PROBLEM_TYPE
+
     headers = {"X-API-Key": api_key} if api_key else {}
     out = []
     with httpx.Client(base_url=url, timeout=120, headers=headers) as client:
@@ -169,7 +171,7 @@ def predict_service(url: str, paths: Sequence[Path], male: np.ndarray, api_key: 
                 files={"image": (path.name, path.read_bytes())},
                 data={"sex": "male" if is_male else "female"},
             )
-            if response.status_code == 422 and response.json().get("type") == "/problems/out-of-distribution":
+            if response.status_code == 422 and response.json().get("type") == PROBLEM_TYPE:
                 out.append(np.nan)
                 continue
             if response.status_code != 200:

@@ -20,6 +20,7 @@ from app.api.deps import RuntimeDep
 from app.batching import BatchFailed
 from app.formats import dicom, fhir
 from app.inference import Prediction
+from app.patient import patient_facts
 from app.problems import ProblemError
 from app.runtime import Runtime
 from app.schemas import (
@@ -187,27 +188,15 @@ async def _predict_copies(runtime: Runtime, copies: np.ndarray, sex: float) -> l
 
 
 def _patient_facts(decoded: DecodedImage, requested: Sex | None, age: float | None):
-    """Sex and age from the request, else from the DICOM; notes say what was ignored and why."""
-    notes = list(decoded.notes)
-    if requested:
-        used_sex, sex_source = requested, "request"
-        if decoded.sex and decoded.sex != requested:
-            notes.append(f"The DICOM's PatientSex ({decoded.sex}) differs from the request; the request was used.")
-    elif decoded.sex:
-        used_sex, sex_source = decoded.sex, "dicom"
-    else:
+    """Sex and age from the request, else from the DICOM (:mod:`app.patient`); 422 when there is no sex."""
+    facts = patient_facts(decoded, requested, age)
+    if facts.sex is None:
         raise ProblemError(
             422,
             "sex is required: send 'male' or 'female' (this image does not carry the patient's sex).",
             "Missing sex",
         )
-    age_source = "request" if age is not None else None
-    if age is None and decoded.age_months is not None:
-        if 0 < decoded.age_months <= MAX_AGE_MONTHS:
-            age, age_source = decoded.age_months, "dicom"
-        else:
-            notes.append("The DICOM's patient age is outside 0–300 months and was not used.")
-    return used_sex, sex_source, age, age_source, notes
+    return facts.sex, facts.sex_source, facts.age_months, facts.age_source, facts.notes
 
 
 @dataclass(frozen=True)
@@ -288,19 +277,9 @@ def _refuse_if(findings: list[str], runtime: Runtime) -> None:
 async def bone_age(
     runtime: RuntimeDep,
     request: Request,
-    image: Annotated[
-        UploadFile,
-        # OpenAPI 3.1 says "binary" with contentMediaType alone; generated clients (openapi-python-client,
-        # openapi-generator) only send a file part when the property also says format: binary.
-        File(description="Hand radiograph: PNG, JPEG or DICOM.", json_schema_extra={"format": "binary"}),
-    ],
-    sex: Annotated[
-        SexIn | None,
-        Form(description="male or female (M/F and other cases accepted); optional for a DICOM with PatientSex."),
-    ] = None,
-    chronological_age_months: Annotated[
-        float | None, Form(gt=0, le=MAX_AGE_MONTHS, description="Optional; read from a DICOM if absent.")
-    ] = None,
+    image: ImageFile,
+    sex: SexForm = None,
+    chronological_age_months: AgeForm = None,
     format: FormatQuery = "json",
 ) -> BoneAgeResponse | JSONResponse:
     """Bone age from an uploaded radiograph (multipart form)."""
