@@ -66,6 +66,8 @@ def _grey8(path: Path) -> np.ndarray:
     from radiograph import decode_file
 
     pixels = decode_file(path).pixels
+    if pixels.dtype.kind == "u":  # 8/16-bit files decode to their own levels; this recipe works on fractions
+        pixels = pixels.astype(np.float32) / np.float32(np.iinfo(pixels.dtype).max)
     lo, hi = np.percentile(pixels, [0.5, 99.5])
     return (np.clip((pixels - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
 

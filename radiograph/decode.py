@@ -1,9 +1,11 @@
-"""Decoding: file bytes → a grey float32 picture, plus what a DICOM says about the patient.
+"""Decoding: file bytes → a grey picture, plus what a DICOM says about the patient.
 
 Contract: :func:`decode` takes the raw bytes of a PNG, JPEG or DICOM file and returns a
-:class:`DecodedImage` whose ``pixels`` are ``(H, W) float32`` with "brighter = denser"
-(MONOCHROME1 is inverted). The absolute range depends on the source (8-bit, 16-bit,
-windowed DICOM); preprocessing normalises it robustly, so decoding keeps full precision.
+:class:`DecodedImage` whose ``pixels`` are ``(H, W)`` with "brighter = denser"
+(MONOCHROME1 is inverted): ``uint8`` or ``uint16`` for 8- and 16-bit PNG and JPEG (a fraction
+of the type's full scale), ``float32`` for DICOM and anything else. The absolute range depends
+on the source (windowed DICOM values, for one); preprocessing normalises it robustly, so
+decoding keeps full precision.
 
 Failures raise the typed errors of :mod:`radiograph.errors`, never a bare exception,
 so callers can answer a user with a plain message.
@@ -46,6 +48,7 @@ _DAYS_PER_MONTH = 365.25 / 12
 class DecodedImage:
     """A decoded radiograph and the patient facts its file carried (DICOM only)."""
 
+    #: ``(H, W)``, brighter = denser: uint8/uint16 (8/16-bit PNG and JPEG) or float32 (DICOM).
     pixels: np.ndarray
     format: Literal["png", "jpeg", "dicom"]
     sex: Sex | None = None
@@ -81,7 +84,7 @@ def sniff_format(data: bytes) -> Literal["png", "jpeg", "dicom"]:
 
 
 def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
-    """Decode PNG, JPEG or DICOM bytes into a grey float32 picture.
+    """Decode PNG, JPEG or DICOM bytes into a grey picture (uint8, uint16 or float32).
 
     Total: any bytes give a decoded image or an :class:`~radiograph.errors.ImageError`. The
     decoders underneath (pydicom, Pillow, GDCM) raise many exception types on malformed files
@@ -125,7 +128,10 @@ def _check_size(width: int, height: int, max_pixels: int) -> None:
 
 
 def _decode_pillow(data: bytes, kind: str, max_pixels: int) -> tuple[np.ndarray, float | None]:
-    """PNG (8/16-bit grey, RGB, RGBA, palette) and JPEG (grey, RGB, CMYK) → grey float32 and colourfulness."""
+    """PNG (8/16-bit grey, RGB, RGBA, palette) and JPEG (grey, RGB, CMYK) → grey pixels and colourfulness.
+
+    8- and 16-bit files stay uint8/uint16: a float copy of a full-size picture costs as much as
+    the normalisation that replaces it (preprocessing maps each grey level through a table)."""
     try:
         with warnings.catch_warnings():
             # Our own limit is checked below from the header; Pillow's warning adds nothing.
@@ -145,9 +151,10 @@ def _decode_pillow(data: bytes, kind: str, max_pixels: int) -> tuple[np.ndarray,
         # Phone photos of films carry their rotation in EXIF; apply it so the hand is upright.
         img = ImageOps.exif_transpose(img)
     mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I"):
-        pixels = np.asarray(img, dtype=np.float32)
-        return pixels / 65535.0, None
+    if mode in ("I;16", "I;16B", "I;16L"):
+        return np.asarray(img).astype(np.uint16, copy=False), None
+    if mode == "I":
+        return np.asarray(img, dtype=np.float32) / np.float32(65535), None
     if mode == "F":
         return np.asarray(img, dtype=np.float32), None
     colour = None
@@ -159,7 +166,7 @@ def _decode_pillow(data: bytes, kind: str, max_pixels: int) -> tuple[np.ndarray,
         grey = rgb.convert("L")
     else:
         raise UnsupportedFormat(f"{kind.upper()} images in mode {mode} are not supported.")
-    return np.asarray(grey, dtype=np.float32) / 255.0, colour
+    return np.asarray(grey), colour
 
 
 def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from radiograph import EmptyImage, PreprocessSpec, decode_file, load_model_input, preprocess
-from radiograph.preprocess import crop_uniform_borders, make_square, robust_normalize
+from radiograph.preprocess import _percentiles_from_counts, crop_uniform_borders, make_square, robust_normalize
 from tests.conftest import HALFRES_PNG, HOSPITAL_JPEG, SMALL_DICOM, THUMBNAILS
 from training import data
 
@@ -90,3 +92,67 @@ def test_realistic_images_all_preprocess(data_dir):
     for path in sorted((data_dir / "unlabelled").rglob("*.*")) + sorted((data_dir / "rsna-fullres").rglob("*.png")):
         x = preprocess(decode_file(path).pixels, spec)
         assert np.isfinite(x).all() and x.std() > 0.05, path
+
+
+# The integer road (8/16-bit files) is a faster way to the same numbers ----------------------
+
+
+def _float_road(pixels: np.ndarray) -> np.ndarray:
+    """What decoding gave before it kept integers: the same levels as float32 fractions."""
+    full_scale = np.float32(np.iinfo(pixels.dtype).max)
+    return pixels.astype(np.float32) / full_scale
+
+
+@pytest.mark.parametrize("path", [HALFRES_PNG, HOSPITAL_JPEG, *sorted(THUMBNAILS.glob("*.png"))[:6]])
+def test_8bit_files_give_bit_for_bit_the_tensor_of_the_float_road(path):
+    spec = PreprocessSpec(input_size=128)
+    pixels = decode_file(path).pixels
+    assert pixels.dtype == np.uint8
+    assert np.array_equal(preprocess(pixels, spec), preprocess(_float_road(pixels), spec))
+
+
+def test_16bit_files_give_bit_for_bit_the_tensor_of_the_float_road():
+    wide = (decode_file(HALFRES_PNG).pixels.astype(np.uint16) * 257 + 100).astype(np.uint16)
+    spec = PreprocessSpec(input_size=100, square="pad")
+    assert np.array_equal(preprocess(wide, spec), preprocess(_float_road(wide), spec))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    values=st.lists(st.integers(0, 255), min_size=1, max_size=400),
+    low=st.floats(0, 49.9),
+    high=st.floats(50.1, 100),
+    wide=st.booleans(),
+)
+def test_percentiles_from_a_histogram_equal_numpys(values, low, high, wide):
+    dtype, full_scale = (np.uint16, 65535) if wide else (np.uint8, 255)
+    pixels = np.asarray(values, dtype=dtype) * (257 if wide else 1)
+    levels = np.arange(full_scale + 1, dtype=np.float32) / np.float32(full_scale)
+    counts = np.bincount(pixels, minlength=full_scale + 1)
+    expected = np.percentile(_float_road(pixels), [low, high])
+    assert np.array_equal(_percentiles_from_counts(counts, levels, [low, high]), expected)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 120), st.integers(1, 120)),
+    lines=st.lists(st.tuples(st.booleans(), st.floats(0, 1), st.integers(0, 10_000)), max_size=12),
+)
+def test_searching_borders_from_the_edges_finds_the_window_of_a_full_scan(shape, lines):
+    image = np.zeros(shape, np.float32)
+    rng = np.random.default_rng(len(lines))
+    for is_row, where, seed in lines:  # sparse non-uniform rows and columns anywhere
+        if is_row:
+            image[int(where * (shape[0] - 1))] = np.random.default_rng(seed).random(shape[1])
+        else:
+            image[:, int(where * (shape[1] - 1))] = rng.random(shape[0])
+    rows = np.flatnonzero(image.std(axis=1) > 0.02)
+    cols = np.flatnonzero(image.std(axis=0) > 0.02)
+    if rows.size < 8 or cols.size < 8:
+        with pytest.raises(EmptyImage):
+            crop_uniform_borders(image, 0.02)
+    else:
+        window = image[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        cropped = crop_uniform_borders(image, 0.02)
+        assert cropped.shape == window.shape
+        assert np.array_equal(cropped, window)
