@@ -9,6 +9,10 @@ One refinement: the collector waits for more items only while requests are known
 their way (announced with :meth:`Batcher.expect` before their decode and preprocessing).
 A lone request therefore runs at once, and ``max_wait`` is only spent when it can pay off.
 
+A second: two lanes. Work submitted as ``background`` (an explanation's occluded copies) waits
+behind every plain request in the queue, so a clinician's single radiograph is never queued
+behind the sixty-odd model inputs of someone else's heatmap; it waits for one running batch at most.
+
 The queue itself has no bound: the service bounds every prediction request from its first
 byte (``app/admission.py``), which also bounds this queue, and refuses before the upload is
 read rather than after it has been decoded and preprocessed.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -34,12 +39,15 @@ class BatchFailed(RuntimeError):
     """The model call for this request's batch failed; other batches are unaffected."""
 
 
-@dataclass
+@dataclass(order=True)
 class _Item:
-    image: np.ndarray
-    sex: float
-    future: asyncio.Future
-    enqueued: float = field(default_factory=time.monotonic)
+    #: (lane, arrival number): plain requests (lane 0) leave the queue before background work (lane 1),
+    #: each lane first come, first served.
+    rank: tuple[int, int]
+    image: np.ndarray = field(compare=False)
+    sex: float = field(compare=False)
+    future: asyncio.Future = field(compare=False)
+    enqueued: float = field(default_factory=time.monotonic, compare=False)
 
 
 class Expected:
@@ -79,7 +87,8 @@ class Batcher:
         self.predict = predict
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
-        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self.queue: asyncio.PriorityQueue[_Item] = asyncio.PriorityQueue()
+        self._arrivals = itertools.count()
         self.on_batch = on_batch  # (batch size, queue waits in s, model seconds) → metrics
         self.incoming = 0  # Requests being decoded/preprocessed that will submit soon.
         self._task: asyncio.Task | None = None
@@ -148,14 +157,23 @@ class Batcher:
         return Expected(self)
 
     async def submit(
-        self, image: np.ndarray, sex: float, timeout: float | None = None, expected: Expected | None = None
+        self,
+        image: np.ndarray,
+        sex: float,
+        timeout: float | None = None,
+        expected: Expected | None = None,
+        background: bool = False,
     ) -> Any:
-        """Queue one preprocessed image; return its result, or raise TimeoutError or BatchFailed."""
+        """Queue one preprocessed image; return its result, or raise TimeoutError or BatchFailed.
+
+        ``background`` work is taken only when no plain request is waiting (see the module's docstring).
+        """
         if expected is not None:
             expected.arrived()
         if self._task is not None and self._task.done():
             raise BatchFailed("the batcher has stopped")
-        item = _Item(image, sex, asyncio.get_running_loop().create_future())
+        rank = (1 if background else 0, next(self._arrivals))
+        item = _Item(rank, image, sex, asyncio.get_running_loop().create_future())
         self.queue.put_nowait(item)
         return await asyncio.wait_for(item.future, timeout)  # Cancels the future on timeout.
 

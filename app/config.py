@@ -54,6 +54,14 @@ class Settings(BaseSettings):
         ge=1,
         description="Explanations computed at once (each is grid² + 1 model inputs); more wait their turn.",
     )
+    explain_batch_size: int = Field(
+        4,
+        ge=1,
+        le=256,
+        description="An explanation's occluded copies queued at a time, behind every plain request. Small "
+        "keeps other clients' wait short (on a CPU the cost per image hardly depends on the batch); "
+        "raise it on a GPU.",
+    )
     log_level: str = "INFO"
 
     @field_validator("api_key", mode="before")

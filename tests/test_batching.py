@@ -66,6 +66,29 @@ async def test_batches_never_exceed_the_maximum_size():
     await batcher.stop()
 
 
+async def test_a_plain_request_goes_ahead_of_queued_background_work():
+    model = GatedModel()
+    batcher = Batcher(model, max_batch_size=4, max_wait_s=0.001)
+    batcher.start()
+    first = asyncio.create_task(batcher.submit(image(0), 0.0))
+    await wait_for(model.entered)
+    # An explanation's copies queue up behind the running call, then a clinician's request arrives.
+    copies = [asyncio.create_task(batcher.submit(image(100 + i), 0.0, background=True)) for i in range(8)]
+    await asyncio.sleep(0.01)
+    plain = asyncio.create_task(batcher.submit(image(7), 0.0))
+    await asyncio.sleep(0.01)
+    order: list[str] = []
+    plain.add_done_callback(lambda _: order.append("plain"))
+    for task in copies:
+        task.add_done_callback(lambda _: order.append("copy"))
+    model.release.set()
+    results = await asyncio.gather(first, plain, *copies)
+    assert model.calls == [1, 4, 4, 1]  # the plain request rides in the first batch after the running one
+    assert order[0] == "plain" and order.count("copy") == 8
+    assert results == [0.0, 7.0] + [100.0 + i for i in range(8)]  # each lane in arrival order, nothing lost
+    await batcher.stop()
+
+
 async def test_a_failing_batch_answers_its_callers_with_an_error_and_the_next_batch_works():
     model = GatedModel(fail_on=1)
     model.release.set()

@@ -164,15 +164,18 @@ def _built(build) -> bytes:
 
 
 async def _predict_copies(runtime: Runtime, copies: np.ndarray, sex: float) -> list[Prediction]:
-    """The occluded copies through the batcher, a batch's worth at a time so other clients' requests
-    interleave; on a failure or timeout the copies not yet run are cancelled, not left to the model."""
+    """The occluded copies through the batcher as background work, a few at a time: other clients'
+    requests go ahead of them and wait for one small batch at most. On a failure or timeout the
+    copies not yet run are cancelled, not left to the model."""
     timeout = runtime.settings.request_timeout_s
     deadline = time.monotonic() + timeout
-    step = runtime.settings.max_batch_size
+    step = runtime.settings.explain_batch_size
     results: list[Prediction] = []
     for i in range(0, len(copies), step):
         tasks = [
-            asyncio.ensure_future(runtime.batcher.submit(c, sex, max(deadline - time.monotonic(), 0.001)))
+            asyncio.ensure_future(
+                runtime.batcher.submit(c, sex, max(deadline - time.monotonic(), 0.001), background=True)
+            )
             for c in copies[i : i + step]
         ]
         try:
