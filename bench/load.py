@@ -25,6 +25,13 @@ class LoadResult:
     failures: dict[str, int] = field(default_factory=dict)  # connection-level, by exception type (status 0)
     retry_after_missing: int = 0  # 503 answers without Retry-After
     sent: int = 0
+    #: CPU seconds the load generator itself spent (it shares the server's cores): the bench takes
+    #: its share out of the limit it compares the service with.
+    client_cpu_s: float = 0.0
+
+    @property
+    def client_cores(self) -> float:
+        return self.client_cpu_s / self.seconds if self.seconds else 0.0
 
     @property
     def ok(self) -> int:
@@ -88,7 +95,10 @@ def closed_loop(
     url: str, uploads: list[tuple[str, bytes, str]], concurrency: int, duration: float, max_requests: int | None = None
 ) -> LoadResult:
     """Run C clients for ``duration`` seconds (or ``max_requests`` in all) against POST /v1/bone-age."""
-    return asyncio.run(_closed_loop(url, uploads, concurrency, duration, max_requests))
+    cpu = time.process_time()
+    result = asyncio.run(_closed_loop(url, uploads, concurrency, duration, max_requests))
+    result.client_cpu_s = time.process_time() - cpu
+    return result
 
 
 async def _open_loop(
@@ -134,4 +144,7 @@ async def _open_loop(
 
 def open_loop(url: str, uploads: list[tuple[str, bytes, str]], rate: float, duration: float, tick=None) -> LoadResult:
     """Requests arriving at ``rate`` per second for ``duration`` seconds; ``tick()`` is called every 0.5 s."""
-    return asyncio.run(_open_loop(url, uploads, rate, duration, tick))
+    cpu = time.process_time()
+    result = asyncio.run(_open_loop(url, uploads, rate, duration, tick))
+    result.client_cpu_s = time.process_time() - cpu
+    return result
