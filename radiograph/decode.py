@@ -48,7 +48,8 @@ _DAYS_PER_MONTH = 365.25 / 12
 class DecodedImage:
     """A decoded radiograph and the patient facts its file carried (DICOM only)."""
 
-    #: ``(H, W)``, brighter = denser: uint8/uint16 (8/16-bit PNG and JPEG) or float32 (DICOM).
+    #: ``(H, W)``, brighter = denser: uint8/uint16 for 8/16-bit PNG and JPEG, float32 for DICOM and
+    #: float or 32-bit PNG. Read-only for PNG and JPEG (a view of Pillow's buffer): copy before writing.
     pixels: np.ndarray
     format: Literal["png", "jpeg", "dicom"]
     sex: Sex | None = None

@@ -4,7 +4,8 @@ The :class:`PreprocessSpec` is saved in every training run and stored inside the
 exported ONNX file; the service reads it back from there. Nothing downstream repeats
 these constants, so a model cannot be served with preprocessing it was not trained on.
 
-Contract of :func:`preprocess`: ``(H, W) float32`` (any range, brighter = denser) →
+Contract of :func:`preprocess`: ``(H, W)`` brighter = denser, ``float32`` of any range or
+``uint8``/``uint16`` read as fractions of their full scale (what :mod:`radiograph.decode` gives) →
 ``(S, S, 3) float32`` in ``[-1, 1]`` (Xception's input scaling), deterministic: the same
 input gives bit-for-bit the same tensor in training, evaluation, export and serving.
 """
@@ -160,16 +161,23 @@ def _nonuniform_lines(image: np.ndarray, axis: int, tolerance: float) -> tuple[i
     n = image.shape[1 - axis]
 
     def stds(start: int, stop: int) -> np.ndarray:
-        band = image[start:stop] if axis == 1 else image[:, start:stop]
-        return band.std(axis=axis)
+        if axis == 1:
+            return image[start:stop].std(axis=1)
+        # NumPy sums a lone strided column pairwise but a wider block row by row, as in a full scan;
+        # a one-column band borrows a neighbour so its std is the full scan's to the last bit.
+        wide = start - 1 if stop - start == 1 and start > 0 else start
+        wider = stop + 1 if stop - wide == 1 and stop < n else stop
+        return image[:, wide:wider].std(axis=0)[start - wide : start - wide + stop - start]
 
     first = last = None
     seen = 0  # non-uniform lines found in the bands searched so far (never counted twice)
     top = 0
+    first_band: np.ndarray = np.empty(0, dtype=np.intp)
     while top < n and first is None:
         found = np.flatnonzero(stds(top, min(n, top + _BAND)) > tolerance)
         if found.size:
-            first, seen = top + int(found[0]), found.size
+            first_band = top + found
+            first, seen = int(first_band[0]), found.size
         top = min(n, top + _BAND)
     if first is None:
         return None
@@ -180,9 +188,8 @@ def _nonuniform_lines(image: np.ndarray, axis: int, tolerance: float) -> tuple[i
         if found.size:
             last, seen = start + int(found[-1]), seen + found.size
         bottom = start
-    if last is None:  # every non-uniform line lies in the bands searched from the first edge
-        found = np.flatnonzero(stds(first, top) > tolerance)
-        last = first + int(found[-1])
+    if last is None:  # every non-uniform line lies in the band where the first one was found
+        last = int(first_band[-1])
         bottom = top
     if seen < _MIN_LINES and np.count_nonzero(stds(top, bottom) > tolerance) + seen < _MIN_LINES:
         return None

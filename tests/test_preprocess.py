@@ -112,7 +112,7 @@ def test_8bit_files_give_bit_for_bit_the_tensor_of_the_float_road(path):
 
 
 def test_16bit_files_give_bit_for_bit_the_tensor_of_the_float_road():
-    wide = (decode_file(HALFRES_PNG).pixels.astype(np.uint16) * 257 + 100).astype(np.uint16)
+    wide = decode_file(HALFRES_PNG).pixels.astype(np.uint16) * 256 + 100  # 100…65380
     spec = PreprocessSpec(input_size=100, square="pad")
     assert np.array_equal(preprocess(wide, spec), preprocess(_float_road(wide), spec))
 
@@ -156,3 +156,31 @@ def test_searching_borders_from_the_edges_finds_the_window_of_a_full_scan(shape,
         cropped = crop_uniform_borders(image, 0.02)
         assert cropped.shape == window.shape
         assert np.array_equal(cropped, window)
+
+
+def _borderline_column(rows: int = 100) -> np.ndarray:
+    """A column whose std is just above the border tolerance when NumPy sums it as part of an
+    image (row by row) and not above it when it sums the lone column (pairwise)."""
+    for seed in range(200):
+        base = np.random.default_rng(seed).random(rows).astype(np.float32)
+        lo, hi = 0.0, 1.0
+        for _ in range(60):  # the smallest scale at which the in-image std exceeds the tolerance
+            mid = (lo + hi) / 2
+            column = base * np.float32(mid)
+            lo, hi = (lo, mid) if np.stack([column, column], axis=1).std(axis=0)[0] > 0.02 else (mid, hi)
+        column = base * np.float32(hi)
+        if not column.std() > 0.02:
+            return column
+    raise AssertionError("no borderline column found")
+
+
+def test_a_column_on_the_tolerance_is_judged_as_a_full_scan_judges_it():
+    column = _borderline_column()
+    image = np.zeros((100, 33), np.float32)
+    image[:, 5:21] = np.random.default_rng(0).random((100, 16))
+    image[:, 32] = column  # alone in the last band, one column wide
+    assert crop_uniform_borders(image, 0.02).shape == (100, 28)  # columns 5…32, as image.std(axis=0) says
+    lone = np.zeros((100, 64), np.float32)
+    lone[:, 31] = column  # one non-uniform column: blank, not a crash
+    with pytest.raises(EmptyImage):
+        crop_uniform_borders(lone, 0.02)
