@@ -10,8 +10,10 @@ their way (announced with :meth:`Batcher.expect` before their decode and preproc
 A lone request therefore runs at once, and ``max_wait`` is only spent when it can pay off.
 
 A second: two lanes. Work submitted as ``background`` (an explanation's occluded copies) waits
-behind every plain request in the queue, so a clinician's single radiograph is never queued
-behind the sixty-odd model inputs of someone else's heatmap; it waits for one running batch at most.
+behind every plain request in the queue and never joins a batch that holds one, so a clinician's
+single radiograph is never queued behind the sixty-odd model inputs of someone else's heatmap: it
+waits for the batch already running at most. Background work has no ageing: under plain load that
+never pauses it waits until the request that queued it times out (an explanation then answers 504).
 
 The queue itself has no bound: the service bounds every prediction request from its first
 byte (``app/admission.py``), which also bounds this queue, and refuses before the upload is
@@ -193,18 +195,22 @@ class Batcher:
         deadline = time.monotonic() + self.max_wait_s
         while len(batch) < self.max_batch_size:
             try:
-                batch.append(self.queue.get_nowait())
-                continue
+                item = self.queue.get_nowait()
             except asyncio.QueueEmpty:
-                pass
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self.incoming == 0:
-                break  # Out of time, or nobody else is on the way: run what we have.
-            try:
-                # Re-check every millisecond whether the announced requests are still coming.
-                batch.append(await asyncio.wait_for(self.queue.get(), min(remaining, 0.001)))
-            except TimeoutError:
-                continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.incoming == 0:
+                    break  # Out of time, or nobody else is on the way: run what we have.
+                try:
+                    # Re-check every millisecond whether the announced requests are still coming.
+                    item = await asyncio.wait_for(self.queue.get(), min(remaining, 0.001))
+                except TimeoutError:
+                    continue
+            if item.rank[0] > batch[0].rank[0]:
+                # Background work does not ride with plain requests: on a CPU every extra image
+                # lengthens the call. It goes back in its place; the next batch takes it.
+                self.queue.put_nowait(item)
+                break
+            batch.append(item)
         return [item for item in batch if not item.future.done()]  # Drop callers that timed out.
 
     async def _run(self) -> None:
