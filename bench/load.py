@@ -25,8 +25,8 @@ class LoadResult:
     failures: dict[str, int] = field(default_factory=dict)  # connection-level, by exception type (status 0)
     retry_after_missing: int = 0  # 503 answers without Retry-After
     sent: int = 0
-    #: CPU seconds the load generator itself spent (it shares the server's cores): the bench takes
-    #: its share out of the limit it compares the service with.
+    #: CPU seconds the load generator's process spent during the load window (it shares the server's
+    #: cores; the bench process runs nothing else meanwhile): the bench takes its share out of the limit.
     client_cpu_s: float = 0.0
 
     @property
@@ -85,9 +85,10 @@ async def _closed_loop(
                 if status == 200:
                     result.latencies.append(time.monotonic() - started)
 
-        began = time.monotonic()
+        began, cpu = time.monotonic(), time.process_time()
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
         result.seconds = time.monotonic() - began
+        result.client_cpu_s = time.process_time() - cpu
     return result
 
 
@@ -95,10 +96,7 @@ def closed_loop(
     url: str, uploads: list[tuple[str, bytes, str]], concurrency: int, duration: float, max_requests: int | None = None
 ) -> LoadResult:
     """Run C clients for ``duration`` seconds (or ``max_requests`` in all) against POST /v1/bone-age."""
-    cpu = time.process_time()
-    result = asyncio.run(_closed_loop(url, uploads, concurrency, duration, max_requests))
-    result.client_cpu_s = time.process_time() - cpu
-    return result
+    return asyncio.run(_closed_loop(url, uploads, concurrency, duration, max_requests))
 
 
 async def _open_loop(
@@ -128,7 +126,7 @@ async def _open_loop(
             if status == 200:
                 result.latencies.append(time.monotonic() - started)
 
-        tasks, start, ticks = [], time.monotonic(), 0
+        tasks, start, ticks, cpu = [], time.monotonic(), 0, time.process_time()
         while (now := time.monotonic() - start) < duration:
             while result.sent < int(now * rate):
                 tasks.append(asyncio.create_task(one(result.sent)))
@@ -139,12 +137,10 @@ async def _open_loop(
             await asyncio.sleep(0.005)
         await asyncio.gather(*tasks)
         result.seconds = time.monotonic() - start
+        result.client_cpu_s = time.process_time() - cpu
     return result
 
 
 def open_loop(url: str, uploads: list[tuple[str, bytes, str]], rate: float, duration: float, tick=None) -> LoadResult:
     """Requests arriving at ``rate`` per second for ``duration`` seconds; ``tick()`` is called every 0.5 s."""
-    cpu = time.process_time()
-    result = asyncio.run(_open_loop(url, uploads, rate, duration, tick))
-    result.client_cpu_s = time.process_time() - cpu
-    return result
+    return asyncio.run(_open_loop(url, uploads, rate, duration, tick))
