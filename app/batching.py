@@ -12,8 +12,11 @@ A lone request therefore runs at once, and ``max_wait`` is only spent when it ca
 A second: two lanes. Work submitted as ``background`` (an explanation's occluded copies) waits
 behind every plain request in the queue and never joins a batch that holds one, so a clinician's
 single radiograph is never queued behind the sixty-odd model inputs of someone else's heatmap: it
-waits for the batch already running at most. Background work has no ageing: under plain load that
-never pauses it waits until the request that queued it times out (an explanation then answers 504).
+waits for the batch already running at most. (A plain request may join a batch of background work
+still filling: it would wait for that batch anyway. A plain batch that meets queued background work
+closes at once rather than waiting ``max_wait`` for more plain requests.) Background work has no
+ageing: under plain load that never pauses, it waits until the request that queued it times out (an
+explanation then answers 504).
 
 The queue itself has no bound: the service bounds every prediction request from its first
 byte (``app/admission.py``), which also bounds this queue, and refuses before the upload is
@@ -192,6 +195,7 @@ class Batcher:
 
     async def _fill(self, batch: list[_Item]) -> list[_Item]:
         batch.append(await self.queue.get())
+        plain = batch[0].rank[0] == 0  # once a plain request is in, no background work joins
         deadline = time.monotonic() + self.max_wait_s
         while len(batch) < self.max_batch_size:
             try:
@@ -205,11 +209,12 @@ class Batcher:
                     item = await asyncio.wait_for(self.queue.get(), min(remaining, 0.001))
                 except TimeoutError:
                     continue
-            if item.rank[0] > batch[0].rank[0]:
+            if plain and item.rank[0] > 0:
                 # Background work does not ride with plain requests: on a CPU every extra image
                 # lengthens the call. It goes back in its place; the next batch takes it.
                 self.queue.put_nowait(item)
                 break
+            plain = plain or item.rank[0] == 0  # a plain request may join background work, not the reverse
             batch.append(item)
         return [item for item in batch if not item.future.done()]  # Drop callers that timed out.
 

@@ -89,6 +89,21 @@ async def test_a_plain_request_goes_ahead_of_queued_background_work():
     await batcher.stop()
 
 
+async def test_background_work_queued_after_a_plain_request_waits_for_the_next_batch():
+    model = GatedModel()
+    model.release.set()
+    batcher = Batcher(model, max_batch_size=8, max_wait_s=0.5)
+    batcher.start()
+    announced = batcher.expect()  # a plain request is on its way, so the batch waits for it
+    copy = asyncio.create_task(batcher.submit(image(100), 0.0, background=True))
+    await asyncio.sleep(0.02)  # the collector holds the copy and waits for the announced request
+    plain = asyncio.create_task(batcher.submit(image(7), 0.0, expected=announced))
+    late_copy = asyncio.create_task(batcher.submit(image(101), 0.0, background=True))
+    assert await asyncio.gather(copy, plain, late_copy) == [100.0, 7.0, 101.0]
+    assert model.calls == [2, 1]  # the plain request joined the filling batch; the later copy did not
+    await batcher.stop()
+
+
 async def test_a_failing_batch_answers_its_callers_with_an_error_and_the_next_batch_works():
     model = GatedModel(fail_on=1)
     model.release.set()
