@@ -25,8 +25,8 @@ class LoadResult:
     failures: dict[str, int] = field(default_factory=dict)  # connection-level, by exception type (status 0)
     retry_after_missing: int = 0  # 503 answers without Retry-After
     sent: int = 0
-    #: CPU seconds the load generator's process spent during the load window (it shares the server's
-    #: cores; the bench process runs nothing else meanwhile): the bench takes its share out of the limit.
+    #: CPU seconds the bench process spent during the load window: in the sweeps it runs nothing but
+    #: the load generator, which shares the server's cores; the bench takes that share out of the limit.
     client_cpu_s: float = 0.0
 
     @property
