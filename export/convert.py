@@ -135,6 +135,43 @@ def store_weights_fp16(proto, min_elements: int = 1024):
     return proto
 
 
+def store_weights_int8(proto, min_elements: int = 1024):
+    """Store convolution weights as int8 (symmetric, one scale per output channel), each followed by a
+    DequantizeLinear back to float32; other large weights as float16 (:func:`store_weights_fp16`).
+
+    Storage only: ONNX Runtime folds the DequantizeLinear nodes when it loads the file, so the
+    model computes in float32 on the rounded weights (a quarter of their float32 size). Unlike
+    static quantisation of the activations (:func:`quantize_int8`) it needs no calibration and
+    moves answers far less; it does not make the model faster.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    weights = {n.input[1] for n in graph.node if n.op_type == "Conv" and len(n.input) > 1}
+    kept, dequantize = [], []
+    for init in graph.initializer:
+        values = numpy_helper.to_array(init) if init.data_type == TensorProto.FLOAT else None
+        if init.name not in weights or values is None or values.size < min_elements:
+            kept.append(init)
+            continue
+        flat = values.reshape(values.shape[0], -1)
+        scale = np.maximum(np.abs(flat).max(axis=1), 1e-12) / 127.0
+        q = np.clip(np.rint(flat / scale[:, None]), -127, 127).astype(np.int8).reshape(values.shape)
+        names = (init.name + "__int8", init.name + "__scale", init.name + "__zero")
+        kept += [
+            numpy_helper.from_array(q, names[0]),
+            numpy_helper.from_array(scale.astype(np.float32), names[1]),
+            numpy_helper.from_array(np.zeros(values.shape[0], np.int8), names[2]),
+        ]
+        dequantize.append(helper.make_node("DequantizeLinear", list(names), [init.name], axis=0))
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(dequantize + nodes)
+    return store_weights_fp16(proto, min_elements)
+
+
 #: Operators quantised to int8. Convolutions carry nearly all of Xception's arithmetic; the small
 #: dense head that turns features into months stays float32, as does everything else.
 INT8_OPS = ("Conv",)
@@ -287,17 +324,16 @@ def predict_all(session, images, sex, outputs=(OUTPUT,), batch: int = 32) -> lis
     return [np.concatenate([c[k] for c in chunks]) for k in range(len(outputs))]
 
 
-def calibrate(
-    session, run_dir: Path, spec: PreprocessSpec, csv_path: Path | None, cache_dir: Path | None, train_count: int
-) -> dict:
-    """Fit the interval on the run's validation split and the gate on its training images.
+def calibrate(session, spec: PreprocessSpec, splits, seed: int, cache_dir: Path | None, train_count: int) -> dict:
+    """Fit the interval on the validation split and the gate on training images.
 
-    Predictions come from ``session``: the exported file itself, as the service runs it.
+    ``splits`` is ``(train, val, train folder, val folder)``: the samples the model trained and
+    validated on. Predictions come from ``session``: the exported file itself, as the service runs it.
     """
     from export.calibration import FeatureGate, IntervalModel
 
-    config, train_s, val_s, image_dir, val_dir = run_splits(run_dir, csv_path)
-    rng = np.random.default_rng(config["seed"])
+    train_s, val_s, image_dir, val_dir = splits
+    rng = np.random.default_rng(seed)
     train_s = [train_s[i] for i in sorted(rng.permutation(len(train_s))[:train_count])]
 
     def run(subset, folder):
@@ -408,7 +444,9 @@ def export_run(
     }
     reliability = {}
     if calibration:
-        reliability = calibrate(session, run_dir, spec, csv_path, cache, gate_train_count)
+        _, train_s, val_s, image_dir, val_dir = run_splits(run_dir, csv_path)
+        splits = (train_s, val_s, image_dir, val_dir)
+        reliability = calibrate(session, spec, splits, config["seed"], cache, gate_train_count)
         report["calibration"] = {
             "interval_bands": len(reliability["interval"]["lower_edges"]),
             "gate_threshold": reliability["gate"]["threshold"],

@@ -1,0 +1,354 @@
+"""Exported model files → one ONNX file that averages their answers (a small ensemble).
+
+    python -m export ensemble models/a.onnx models/b.onnx --out models/boneage.onnx --storage int8
+
+Why inside one file: the service keeps one session, one preprocessing and its batching, and an
+ensemble costs one model call per batch like any other model. The first member sets the input:
+its preprocessing spec is the file's. A member trained at a smaller side reads that same input
+resized inside the graph (antialiased bilinear with half-pixel centres, what ``radiograph``'s own
+resize does), so members must share every preprocessing setting but the side.
+
+Members must also come from the same training/validation split (same labels, seed and fraction,
+recorded in each file), so that the validation residuals that set the ensemble's interval, its
+gate threshold and its int8 check come from images none of its members trained on. The interval
+and the gate are then fitted again, on the ensemble's own answers and on its features (the
+members' pooled features side by side).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from export.convert import (
+    INT8_CALIBRATION_IMAGES,
+    INT8_MAX_MAE_DRIFT_MONTHS,
+    OPSET,
+    PARITY_FP16_MONTHS,
+    ExportError,
+    calibrate,
+    predict_all,
+    quantize_int8,
+    run_inputs,
+    store_weights_fp16,
+    store_weights_int8,
+)
+from export.modelfile import (
+    FEATURES,
+    FOLD_DEQUANTIZE,
+    INPUT_IMAGE,
+    INPUT_SEX,
+    INT8_WEIGHTS,
+    OUTPUT,
+    SPEC_KEY,
+    ModelFile,
+    encode_metadata,
+)
+from export.modelfile import open_session as open_model_file
+from radiograph import PreprocessSpec
+from radiograph.preprocess import load_file, resize
+
+#: int8-stored weights round each convolution kernel to 255 levels per output channel: single
+#: answers move by up to about half a month (float16 storage: hundredths), so the file is judged
+#: by its validation MAE, like int8 compute, with this bound on single answers as well.
+PARITY_INT8_WEIGHTS_MONTHS = 1.0
+
+#: The members' answers are averaged with equal weights: with two or three members, weights
+#: fitted on the validation split would be tuned on the very residuals that calibrate the interval.
+COMBINATION = "mean"
+
+
+def float32_weights(proto):
+    """Undo :func:`store_weights_fp16`: float16 initializers + Cast → float32 initializers.
+
+    Quantisation and graph surgery want plain float32 weights feeding their operators.
+    """
+    from onnx import TensorProto, numpy_helper
+
+    graph = proto.graph
+    halves = {i.name: i for i in graph.initializer if i.data_type == TensorProto.FLOAT16}
+    unfolded, nodes = {}, []
+    for node in graph.node:
+        if node.op_type == "Cast" and len(node.input) == 1 and node.input[0] in halves:
+            values = numpy_helper.to_array(halves[node.input[0]]).astype(np.float32)
+            unfolded[node.input[0]] = numpy_helper.from_array(values, node.output[0])
+        else:
+            nodes.append(node)
+    kept = [i for i in graph.initializer if i.name not in unfolded] + list(unfolded.values())
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return proto
+
+
+def combine(members: Sequence, sides: Sequence[int], input_side: int):
+    """Member ModelProtos (float32 weights) → one ModelProto: same inputs, mean answer, joined features.
+
+    Every member's names get a prefix (``m0/``, ``m1/`` …); member ``i`` reads ``image`` resized to
+    ``sides[i]`` when that differs from ``input_side``, and ``sex`` as it is.
+    """
+    import onnx
+    from onnx import TensorProto, compose, helper
+
+    nodes, initializers, value_info = [], [], []
+    answers, features = [], []
+    for i, (member, side) in enumerate(zip(members, sides, strict=True)):
+        prefixed = compose.add_prefix(member, f"m{i}/")
+        graph = prefixed.graph
+        names = {o.name for o in graph.output}
+        if f"m{i}/{FEATURES}" not in names:
+            raise ExportError(f"member {i} has no '{FEATURES}' output; re-export it with `python -m export convert`")
+        if side == input_side:
+            nodes.append(helper.make_node("Identity", [INPUT_IMAGE], [f"m{i}/{INPUT_IMAGE}"]))
+        else:
+            sizes = helper.make_tensor(f"m{i}/resize_sizes", TensorProto.INT64, [2], [side, side])
+            initializers.append(sizes)
+            nodes.append(
+                helper.make_node(
+                    "Resize",
+                    [INPUT_IMAGE, "", "", sizes.name],
+                    [f"m{i}/{INPUT_IMAGE}"],
+                    mode="linear",
+                    antialias=1,
+                    axes=[1, 2],
+                    coordinate_transformation_mode="half_pixel",
+                    name=f"m{i}/resize_input",
+                )
+            )
+        nodes.append(helper.make_node("Identity", [INPUT_SEX], [f"m{i}/{INPUT_SEX}"]))
+        nodes.extend(graph.node)
+        initializers.extend(graph.initializer)
+        value_info.extend(graph.value_info)
+        answers.append(f"m{i}/{OUTPUT}")
+        features.append(f"m{i}/{FEATURES}")
+    nodes.append(helper.make_node("Mean", answers, [OUTPUT], name="ensemble_mean"))
+    nodes.append(helper.make_node("Concat", features, [FEATURES], axis=1, name="ensemble_features"))
+    graph = helper.make_graph(
+        nodes,
+        "boneage_ensemble",
+        [
+            helper.make_tensor_value_info(INPUT_IMAGE, TensorProto.FLOAT, ["N", input_side, input_side, 3]),
+            helper.make_tensor_value_info(INPUT_SEX, TensorProto.FLOAT, ["N", 1]),
+        ],
+        [
+            helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["N", 1]),
+            helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, ["N", None]),
+        ],
+        initializer=initializers,
+        value_info=value_info,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = members[0].ir_version
+    onnx.checker.check_model(model)
+    return model
+
+
+def shared_split(files: Sequence[ModelFile], csv_path: Path | None):
+    """The one training/validation split every member used → ``(seed, (train, val, folder, folder))``.
+
+    Rebuilt from what each file records (labels under the data root, seed, fraction) and checked
+    against the counts it records, so a member from another split is refused.
+    """
+    from training import data
+
+    keys = []
+    for f in files:
+        config, recorded = f.metadata.get("training_config", {}), f.metadata.get("training_data", {})
+        if "labels" not in recorded or "seed" not in config or "val_fraction" not in config:
+            raise ExportError(f"{f.path}: its metadata does not record its labels, seed and validation fraction")
+        if "stratified split" not in str(recorded.get("validation_source", "")):
+            raise ExportError(f"{f.path}: validated on a separate labelled set; ensembles need a stratified split")
+        counts = (recorded.get("train_count"), recorded.get("validation_count"), recorded.get("limit"))
+        keys.append((recorded["labels"], config["seed"], config["val_fraction"], counts))
+    if len(set(keys)) != 1:
+        raise ExportError(
+            "members trained on different splits, so one's validation images may be another's training images: "
+            + "; ".join(
+                f"{f.path.name}: {k[0]}, seed {k[1]}, fraction {k[2]}" for f, k in zip(files, keys, strict=True)
+            )
+        )
+    labels_rel, seed, fraction, counts = keys[0]
+    labels = Path(csv_path) if csv_path else data.data_root() / labels_rel
+    if not labels.is_file():
+        raise ExportError(f"the members' labels {labels} were not found (set BONEAGE_DATA_DIR or pass --csv)")
+    train_s, val_s = data.stratified_split(data.read_labels(labels)[: counts[2]], fraction, seed)
+    if (len(train_s), len(val_s)) != counts[:2]:
+        raise ExportError(
+            f"{labels} gives {len(train_s)} training and {len(val_s)} validation images, but the members "
+            f"trained on {counts[0]} and validated on {counts[1]}: not their labels"
+        )
+    folder = data.default_image_dir(labels)
+    return seed, (train_s, val_s, folder, folder)
+
+
+def _median_ms(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1000)
+
+
+def export_ensemble(
+    member_paths: Sequence[Path],
+    out: Path,
+    parity_images: Sequence[Path],
+    storage: str = "float16",
+    model_name: str = "boneage-xception-ensemble",
+    model_version: str | None = None,
+    csv_path: Path | None = None,
+    cache_dir: Path | None = None,
+    gate_train_count: int = 3000,
+) -> dict:
+    """Combine, check the graph against its members, calibrate, write ``out`` with metadata; return a report."""
+    import onnx
+    import onnxruntime as ort
+
+    from training.evaluate import compute_metrics
+
+    if len(member_paths) < 2:
+        raise ExportError("an ensemble needs at least two model files")
+    if len(parity_images) < 16:
+        raise ExportError(f"parity needs at least 16 real radiographs, got {len(parity_images)}")
+    opened = [open_model_file(p) for p in member_paths]
+    files = [f for _, f in opened]
+    spec: PreprocessSpec = files[0].spec
+    for f in files[1:]:
+        if f.spec.model_copy(update={"input_size": spec.input_size}) != spec:
+            raise ExportError(f"{f.path.name}: its preprocessing differs from {files[0].path.name}'s beyond the side")
+        if f.spec.input_size > spec.input_size:
+            raise ExportError(f"{f.path.name}: list the member with the largest input ({f.spec.input_size} px) first")
+    seed, splits = shared_split(files, csv_path)
+    sides = [f.spec.input_size for f in files]
+    fp32 = combine([float32_weights(onnx.load(str(f.path))) for f in files], sides, spec.input_size)
+
+    def session_of(proto, fold_dequantize: bool = True):
+        options = ort.SessionOptions()
+        if fold_dequantize:  # as the service opens an int8-weights file (export.modelfile.open_session)
+            options.add_session_config_entry(FOLD_DEQUANTIZE, "1")
+        return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    # Parity: the combined graph against its members run on their own inputs (the ensemble's input,
+    # resized by radiograph's resize where the member is smaller): tests the wiring and the in-graph resize.
+    images = np.stack([load_file(p, spec) for p in parity_images])
+    sex = (np.arange(len(images)) % 2).astype(np.float32).reshape(-1, 1)
+
+    def member_input(side: int) -> np.ndarray:
+        if side == spec.input_size:
+            return images
+        grey = [np.clip(resize(np.ascontiguousarray(x[:, :, 0]), side), 0, 1) for x in (images + 1) / 2]
+        return np.stack([np.repeat(g[:, :, None], 3, axis=2) * 2 - 1 for g in grey]).astype(np.float32)
+
+    expected = np.mean(
+        [
+            predict_all(s, member_input(f.spec.input_size), sex)[0].reshape(-1)
+            for (s, _), f in zip(opened, files, strict=True)
+        ],
+        axis=0,
+    )
+    candidates, bounds = {"float32": fp32}, {"float32": PARITY_FP16_MONTHS}
+    if storage in ("float16", INT8_WEIGHTS):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(fp32)
+        candidates[storage] = store_weights_fp16(copy) if storage == "float16" else store_weights_int8(copy)
+        bounds[storage] = PARITY_FP16_MONTHS if storage == "float16" else PARITY_INT8_WEIGHTS_MONTHS
+    report: dict = {"parity_images": len(images), "storage": {}, "members": {}}
+    sessions = {}
+    for name, proto in candidates.items():
+        sessions[name] = session_of(proto)
+        diff = float(np.abs(predict_all(sessions[name], images, sex)[0].reshape(-1) - expected).max())
+        report["storage"][name] = {
+            "size_mb": round(proto.ByteSize() / 1e6, 2),
+            "max_abs_diff_months": diff,
+            "bound_months": bounds[name],
+        }
+        if not diff <= bounds[name]:
+            raise ExportError(f"{name} ensemble differs from its members by {diff:.4f} months; not written")
+
+    train_s, val_s, image_dir, val_dir = splits
+    val_images, val_sex, val_age = run_inputs(val_s, val_dir, spec, cache_dir)
+    for (s, _), f in zip(
+        opened, files, strict=True
+    ):  # Each member alone, on its own preprocessing: what combining gains.
+        own = val_images if f.spec == spec else run_inputs(val_s, val_dir, f.spec, cache_dir)[0]
+        report["members"][f.path.name] = {
+            "model_version": f.version,
+            "input_size": f.spec.input_size,
+            "validation_mae": float(np.abs(predict_all(s, own, val_sex)[0].reshape(-1) - val_age).mean()),
+        }
+    if storage == "int8":
+        pick = np.random.default_rng(seed + 1).permutation(len(train_s))[:INT8_CALIBRATION_IMAGES]
+        cal_images, cal_sex, _ = run_inputs([train_s[i] for i in sorted(pick)], image_dir, spec, cache_dir)
+        candidates["int8"] = quantize_int8(fp32, np.asarray(cal_images), cal_sex)
+        sessions["int8"] = session_of(candidates["int8"], fold_dequantize=False)
+        report["storage"]["int8"] = {"size_mb": round(candidates["int8"].ByteSize() / 1e6, 2), "bound_months": None}
+    val_pred = {name: predict_all(sessions[name], val_images, val_sex)[0].reshape(-1) for name in sessions}
+    report["validation_mae"] = {name: float(np.abs(p - val_age).mean()) for name, p in val_pred.items()}
+    if storage in ("int8", INT8_WEIGHTS):
+        drift = report["validation_mae"][storage] - report["validation_mae"]["float32"]
+        report["int8"] = {
+            "form": "weights and activations (static QDQ)" if storage == "int8" else "weights only, float32 compute",
+            "validation_mae_float32": report["validation_mae"]["float32"],
+            "validation_mae_int8": report["validation_mae"][storage],
+            "drift_months": drift,
+            "bound_months": INT8_MAX_MAE_DRIFT_MONTHS,
+            "validation_images": len(val_s),
+            **({"calibration_images": INT8_CALIBRATION_IMAGES} if storage == "int8" else {}),
+        }
+        if drift > INT8_MAX_MAE_DRIFT_MONTHS:
+            raise ExportError(
+                f"{storage} validation MAE exceeds float32's by {drift:.2f} months (> {INT8_MAX_MAE_DRIFT_MONTHS}); "
+                "not written"
+            )
+    chosen, session = candidates[storage], sessions[storage]
+    report["timing_ms"] = {
+        "onnxruntime_batch1": _median_ms(lambda: predict_all(session, images[:1], sex[:1])),
+        "onnxruntime_batch16": _median_ms(lambda: predict_all(session, images[:16], sex[:16])),
+    }
+    reliability = calibrate(session, spec, splits, seed, cache_dir, gate_train_count)
+    male = val_sex.reshape(-1) > 0.5
+    metadata = {
+        "format_version": "1",
+        "model_name": model_name,
+        "model_version": model_version or out.stem,
+        "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "source_run": "ensemble of " + " + ".join(f.version for f in files),
+        "training_data": files[0].metadata.get("training_data", {}),
+        "training_config": {
+            "ensemble": {
+                "combination": COMBINATION,
+                "members": [
+                    {"model_version": f.version, "input_size": f.spec.input_size}
+                    | {"training_config": f.metadata.get("training_config", {})}
+                    for f in files
+                ],
+            },
+            "input_size": spec.input_size,
+            "seed": seed,
+            "val_fraction": files[0].metadata["training_config"]["val_fraction"],
+        },
+        "validation_metrics": compute_metrics(val_age, val_pred[storage], male),
+        **reliability,
+        "versions": {"onnx": onnx.__version__, "onnxruntime": ort.__version__, "opset": OPSET}
+        | {"members": [f.metadata.get("versions", {}) for f in files]},
+        "weights_storage": storage,
+        **({"quantization": report["int8"]} if "int8" in report else {}),
+        "parity": report["storage"]["float32" if storage == "int8" else storage]
+        | {"images": len(images), "against": "the member files, each on its own input side"},
+        "intended_use": "Decision support and research; not a medical device.",
+    }
+    onnx.helper.set_model_props(chosen, encode_metadata(metadata) | {SPEC_KEY: spec.to_json()})
+    chosen.producer_name = "boneage-service export"
+    chosen.doc_string = f"{model_name}: hand radiograph + sex → bone age in months (mean of {len(files)} models)"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(chosen.SerializeToString())
+    _, written = open_model_file(out)  # Read back with the loader the service uses.
+    report.update(path=str(out), file_size_mb=round(out.stat().st_size / 1e6, 2), metadata=written.metadata)
+    return report

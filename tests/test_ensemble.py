@@ -1,0 +1,130 @@
+"""An ensemble is one model file: it averages its members, carries its own interval and gate, and serves.
+
+Members are real (one-epoch) models trained on the same 400 radiographs of the 299 px set and the
+same split, at two input sides, so the smaller one reads the larger one's input resized in the graph.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from export import ensemble
+from export.convert import ExportError
+from export.modelfile import FEATURES, open_session
+from radiograph.preprocess import load_file
+from tests.conftest import HALFRES_PNG, THUMBNAILS
+
+
+@pytest.fixture(scope="module")
+def larger_member(data_dir, tmp_path_factory) -> Path:
+    """An 80 px model on the calibrated fixture's radiographs and split (71 px); the ensemble calibrates itself."""
+    from export.convert import export_run
+    from training import train
+
+    run = tmp_path_factory.mktemp("runs") / "member80"
+    labels = data_dir / "rsna-299px" / "boneage-training-dataset.csv"
+    args = ["--csv", str(labels), "--run-dir", str(run), "--input-size", "80", "--epochs", "1", "--batch-size", "16"]
+    args += ["--workers", "2", "--limit", "400", "--val-fraction", "0.3", "--cache-dir", str(run.parent / "cache")]
+    assert train.main(args) == 0
+    out = run.parent / "member80.onnx"
+    parity = sorted((data_dir / "rsna-halfres" / "images").glob("*.png"))[:16]
+    export_run(run, out, parity, model_version="member-80", timing_repeats=1, calibration=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def parity(data_dir) -> list[Path]:
+    return sorted((data_dir / "rsna-halfres" / "images").glob("*.png"))[:16]
+
+
+@pytest.fixture(scope="module")
+def combined(larger_member, calibrated_onnx, parity, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("models") / "ensemble.onnx"
+    report = ensemble.export_ensemble(
+        [larger_member, calibrated_onnx], out, parity, "int8-weights", model_version="ens-test", gate_train_count=150
+    )
+    return out, report
+
+
+def test_the_ensemble_answers_the_mean_of_its_members(combined, larger_member, calibrated_onnx, parity):
+    out, report = combined
+    session, model = open_session(out)
+    big_session, big = open_session(larger_member)
+    small_session, small = open_session(calibrated_onnx)
+    assert model.spec == big.spec  # the first member's input is the file's input
+    x = np.stack([load_file(p, big.spec) for p in parity[:6]])
+    own = np.stack([load_file(p, small.spec) for p in parity[:6]])  # the small member's own preprocessing
+    sex = np.array([[0.0], [1.0]] * 3, np.float32)
+    months = session.run(["bone_age_months"], {"image": x, "sex": sex})[0].reshape(-1)
+    a = big_session.run(["bone_age_months"], {"image": x, "sex": sex})[0].reshape(-1)
+    b = small_session.run(["bone_age_months"], {"image": own, "sex": sex})[0].reshape(-1)
+    # Within its own parity check's figure (in-graph resize and int8-stored weights), itself within bound.
+    assert np.abs(months - (a + b) / 2).max() <= report["storage"]["int8-weights"]["max_abs_diff_months"] + 1e-3 <= 1.0
+    assert set(report["members"]) == {larger_member.name, calibrated_onnx.name}
+
+
+def test_the_ensemble_carries_its_own_interval_gate_and_truthful_metadata(combined, larger_member, tmp_path):
+    out, report = combined
+    session, model = open_session(out)
+    assert model.interval is not None and model.gate is not None
+    assert FEATURES in {o.name for o in session.get_outputs()}
+    assert model.gate.mean.size == 2 * 2048  # both members' pooled features, side by side
+    meta = model.metadata
+    members = meta["training_config"]["ensemble"]["members"]
+    assert [m["input_size"] for m in members] == [80, 71]
+    assert [m["model_version"] for m in members] == ["member-80", "calibrated-test"]
+    held_out = meta["training_data"]["validation_count"]  # the members' own validation split
+    assert meta["validation_metrics"]["n"] == meta["interval"]["validation_images"] == held_out > 100
+    assert meta["validation_metrics"]["mae"] == pytest.approx(report["validation_mae"]["int8-weights"])
+    assert meta["weights_storage"] == "int8-weights" and meta["quantization"]["validation_images"] == held_out
+    assert str(tmp_path.parent) not in json.dumps(meta) and str(larger_member.parent) not in json.dumps(meta)
+
+
+def test_the_service_serves_an_ensemble_with_its_interval(make_client, combined):
+    out, _ = combined
+    client = make_client(model_path=out, out_of_distribution="warn")
+    files = {"image": ("hand.png", HALFRES_PNG.read_bytes())}
+    response = client.post("/v1/bone-age", files=files, data={"sex": "female", "chronological_age_months": "40"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    interval = body["bone_age_interval_months"]
+    assert interval["lower"] <= body["bone_age_months"] <= interval["upper"]
+    assert client.get("/v1/model").json()["version"] == "ens-test"
+
+
+def test_int8_stored_weights_take_a_quarter_of_float32_and_are_folded_once_at_load(combined, larger_member):
+    out, report = combined
+    graph = onnx.load(str(out)).graph
+    dequantised = {n.output[0][:3] for n in graph.node if n.op_type == "DequantizeLinear"}
+    assert {"m0/", "m1/"} <= dequantised  # both members' convolutions
+    assert out.stat().st_size < report["storage"]["float32"]["size_mb"] * 1e6 * 0.3
+    session, _ = open_session(out)
+    # The shared loader tells ONNX Runtime to dequantise at load, not on every call.
+    assert session.get_session_options().get_session_config_entry("session.disable_quant_qdq") == "1"
+
+
+def test_an_ensemble_whose_int8_weights_drift_too_far_is_not_written(
+    larger_member, calibrated_onnx, parity, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(ensemble, "INT8_MAX_MAE_DRIFT_MONTHS", -1000.0)  # any drift is too much
+    with pytest.raises(ExportError, match="validation MAE exceeds"):
+        ensemble.export_ensemble([larger_member, calibrated_onnx], tmp_path / "no.onnx", parity, "int8-weights")
+    assert not (tmp_path / "no.onnx").exists()
+
+
+def test_members_from_another_split_or_in_the_wrong_order_are_refused(
+    larger_member, calibrated_onnx, tiny_onnx, parity, tmp_path
+):
+    with pytest.raises(ExportError, match="different splits"):
+        ensemble.export_ensemble([larger_member, tiny_onnx[0]], tmp_path / "a.onnx", parity)
+    with pytest.raises(ExportError, match="largest input"):
+        ensemble.export_ensemble([calibrated_onnx, larger_member], tmp_path / "b.onnx", parity)
+    with pytest.raises(ExportError, match="at least two"):
+        ensemble.export_ensemble([larger_member], tmp_path / "c.onnx", parity)
+    assert not any(tmp_path.iterdir())
+    assert sorted(THUMBNAILS.glob("*.png"))  # the tiny member really is another data set
