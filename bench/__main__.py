@@ -37,6 +37,11 @@ STAGES_TARGET_MS = 4.0
 TARGETS = {"service_vs_limit": 0.9, "service_vs_per_request": 8.0, "p99_half_peak_vs_lone": 2.0}
 
 
+def _cpuinfo_lines() -> list[str]:
+    path = Path("/proc/cpuinfo")
+    return path.read_text().splitlines() if path.exists() else []
+
+
 def machine() -> dict:
     import onnxruntime as ort
 
@@ -52,6 +57,13 @@ def machine() -> dict:
         if Path("/proc/cpuinfo").exists()
         else ""
     )
+    # The vector units decide how fast the convolutions run (ONNX Runtime's float32 and int8 kernels
+    # differ by several times between AVX2 and AVX-512 VNNI), so figures from two machines compare only with them.
+    flags = next(
+        (line.split(":", 1)[1].split() for line in _cpuinfo_lines() if line.startswith("flags")),
+        [],
+    )
+    vector = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f in flags]
     gpu = ""
     if shutil.which("nvidia-smi"):
         gpu = subprocess.run(
@@ -60,6 +72,7 @@ def machine() -> dict:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {
         "cpu": cpu,
+        "vector_extensions": vector,
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "memory_gib": round(mem, 1),
         "gpu": gpu or "none",
@@ -448,7 +461,8 @@ def report(results: dict, command: str) -> str:
         f"`{results['model']}` ({results['input_size']} px input), execution providers "
         f"{', '.join(results['providers'])}.",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, GPU: {m['gpu']}; Python {m['python']}, "
+        f"Machine: {m['cpu']} ({', '.join(m.get('vector_extensions') or ['no AVX2'])}), {m['cores']} cores, "
+        f"{m['memory_gib']} GiB, GPU: {m['gpu']}; Python {m['python']}, "
         f"ONNX Runtime {m['onnxruntime']}. The load generator runs on the same machine and competes for its cores.",
         "",
         f"Inputs: {results['images']['halfres']} real half-resolution RSNA radiographs (PNG, ~330–1900 px), cycled; "
