@@ -47,14 +47,10 @@ def machine() -> dict:
 
     cpu = (
         next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
+            (line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")),
             platform.processor(),
         )
-        if Path("/proc/cpuinfo").exists()
+        if _cpuinfo_lines()
         else ""
     )
     # The vector units decide how fast the convolutions run (ONNX Runtime's float32 and int8 kernels

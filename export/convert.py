@@ -109,7 +109,7 @@ def to_onnx(model, input_size: int):
     return proto
 
 
-def store_weights_fp16(proto, min_elements: int = 1024):
+def store_weights_fp16(proto, min_elements: int = 1024, keep: frozenset[str] = frozenset()):
     """Store large float32 initializers as float16, each followed by a Cast back to float32.
 
     ONNX Runtime folds those Casts when it loads the file (constant folding), so the graph
@@ -121,7 +121,7 @@ def store_weights_fp16(proto, min_elements: int = 1024):
     kept, casts = [], []
     for init in graph.initializer:
         values = numpy_helper.to_array(init) if init.data_type == TensorProto.FLOAT else None
-        if values is None or values.size < min_elements or np.abs(values).max() >= 65000:
+        if values is None or values.size < min_elements or init.name in keep or np.abs(values).max() >= 65000:
             kept.append(init)
             continue
         half = numpy_helper.from_array(values.astype(np.float16), init.name + "__fp16")
@@ -169,7 +169,8 @@ def store_weights_int8(proto, min_elements: int = 1024):
     nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend(dequantize + nodes)
-    return store_weights_fp16(proto, min_elements)
+    # The per-channel scales stay float32: small kernels' scales would be float16 subnormals.
+    return store_weights_fp16(proto, min_elements, keep=frozenset(n.input[1] for n in dequantize))
 
 
 #: Operators quantised to int8. Convolutions carry nearly all of Xception's arithmetic; the small
@@ -324,7 +325,9 @@ def predict_all(session, images, sex, outputs=(OUTPUT,), batch: int = 32) -> lis
     return [np.concatenate([c[k] for c in chunks]) for k in range(len(outputs))]
 
 
-def calibrate(session, spec: PreprocessSpec, splits, seed: int, cache_dir: Path | None, train_count: int) -> dict:
+def calibrate(
+    session, spec: PreprocessSpec, splits: tuple, seed: int, cache_dir: Path | None, train_count: int
+) -> dict:
     """Fit the interval on the validation split and the gate on training images.
 
     ``splits`` is ``(train, val, train folder, val folder)``: the samples the model trained and
@@ -480,11 +483,20 @@ def export_run(
         | {k: v for k, v in report.items() if k == "mixed_precision_drift_months"},
         "intended_use": "Decision support and research; not a medical device.",
     }
-    onnx.helper.set_model_props(chosen, encode_metadata(metadata) | {SPEC_KEY: spec.to_json()})
-    chosen.producer_name = "boneage-service export"
-    chosen.doc_string = f"{model_name}: hand radiograph + sex → bone age in months"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(chosen.SerializeToString())
-    _, modelfile = open_session(out)  # Read back with the loader the service uses.
-    report.update(path=str(out), file_size_mb=round(out.stat().st_size / 1e6, 2), metadata=modelfile.metadata)
+    report.update(
+        write_model_file(chosen, out, metadata, spec, f"{model_name}: hand radiograph + sex → bone age in months")
+    )
     return report
+
+
+def write_model_file(proto, out: Path, metadata: dict, spec: PreprocessSpec, description: str) -> dict:
+    """Write ``proto`` with its metadata and spec to ``out``, read it back with the service's loader."""
+    import onnx
+
+    onnx.helper.set_model_props(proto, encode_metadata(metadata) | {SPEC_KEY: spec.to_json()})
+    proto.producer_name = "boneage-service export"
+    proto.doc_string = description
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(proto.SerializeToString())
+    _, modelfile = open_session(out)  # Read back with the loader the service uses.
+    return {"path": str(out), "file_size_mb": round(out.stat().st_size / 1e6, 2), "metadata": modelfile.metadata}

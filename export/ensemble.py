@@ -1,16 +1,17 @@
 """Exported model files → one ONNX file that averages their answers (a small ensemble).
 
-    python -m export ensemble models/a.onnx models/b.onnx --out models/boneage.onnx --storage int8
+    python -m export ensemble LARGER.onnx SMALLER.onnx --out models/boneage.onnx --storage int8-weights
 
 Why inside one file: the service keeps one session, one preprocessing and its batching, and an
 ensemble costs one model call per batch like any other model. The first member sets the input:
 its preprocessing spec is the file's. A member trained at a smaller side reads that same input
-resized inside the graph (antialiased bilinear with half-pixel centres, what ``radiograph``'s own
-resize does), so members must share every preprocessing setting but the side.
+resized inside the graph (:func:`resize_node`: what ``radiograph``'s own resize does, to 1e-5),
+so members must share every preprocessing setting but the side.
 
 Members must also come from the same training/validation split (same labels, seed and fraction,
 recorded in each file), so that the validation residuals that set the ensemble's interval, its
-gate threshold and its int8 check come from images none of its members trained on. The interval
+gate threshold and its int8 check come from images none of its members trained on (read from the
+folder beside the labels, as training reads them by default). The interval
 and the gate are then fitted again, on the ensemble's own answers and on its features (the
 members' pooled features side by side).
 """
@@ -18,7 +19,6 @@ members' pooled features side by side).
 from __future__ import annotations
 
 import datetime as dt
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,13 +29,16 @@ from export.convert import (
     INT8_MAX_MAE_DRIFT_MONTHS,
     OPSET,
     PARITY_FP16_MONTHS,
+    PARITY_FP32_MONTHS,
     ExportError,
+    _median_ms,
     calibrate,
     predict_all,
     quantize_int8,
     run_inputs,
     store_weights_fp16,
     store_weights_int8,
+    write_model_file,
 )
 from export.modelfile import (
     FEATURES,
@@ -44,9 +47,7 @@ from export.modelfile import (
     INPUT_SEX,
     INT8_WEIGHTS,
     OUTPUT,
-    SPEC_KEY,
     ModelFile,
-    encode_metadata,
 )
 from export.modelfile import open_session as open_model_file
 from radiograph import PreprocessSpec
@@ -86,6 +87,27 @@ def float32_weights(proto):
     return proto
 
 
+def resize_node(source: str, target: str, side: int, name: str):
+    """An NHWC image → ``side``×``side`` the way ``radiograph.preprocess.resize`` does it (Pillow's
+    antialiased bilinear: half-pixel centres, samples outside the picture left out and the filter
+    renormalised, which is ONNX's ``exclude_outside=1``). Returns the node and its sizes initializer."""
+    from onnx import TensorProto, helper
+
+    sizes = helper.make_tensor(name + "_sizes", TensorProto.INT64, [2], [side, side])
+    node = helper.make_node(
+        "Resize",
+        [source, "", "", sizes.name],
+        [target],
+        mode="linear",
+        antialias=1,
+        exclude_outside=1,
+        axes=[1, 2],
+        coordinate_transformation_mode="half_pixel",
+        name=name,
+    )
+    return node, sizes
+
+
 def combine(members: Sequence, sides: Sequence[int], input_side: int):
     """Member ModelProtos (float32 weights) → one ModelProto: same inputs, mean answer, joined features.
 
@@ -98,6 +120,9 @@ def combine(members: Sequence, sides: Sequence[int], input_side: int):
     nodes, initializers, value_info = [], [], []
     answers, features = [], []
     for i, (member, side) in enumerate(zip(members, sides, strict=True)):
+        opset = {o.domain: o.version for o in member.opset_import}.get("")  # (other domains: check_model)
+        if opset != OPSET:
+            raise ExportError(f"member {i} uses opset {opset}; the ensemble is written in opset {OPSET}")
         prefixed = compose.add_prefix(member, f"m{i}/")
         graph = prefixed.graph
         names = {o.name for o in graph.output}
@@ -106,20 +131,9 @@ def combine(members: Sequence, sides: Sequence[int], input_side: int):
         if side == input_side:
             nodes.append(helper.make_node("Identity", [INPUT_IMAGE], [f"m{i}/{INPUT_IMAGE}"]))
         else:
-            sizes = helper.make_tensor(f"m{i}/resize_sizes", TensorProto.INT64, [2], [side, side])
+            node, sizes = resize_node(INPUT_IMAGE, f"m{i}/{INPUT_IMAGE}", side, f"m{i}/resize_input")
+            nodes.append(node)
             initializers.append(sizes)
-            nodes.append(
-                helper.make_node(
-                    "Resize",
-                    [INPUT_IMAGE, "", "", sizes.name],
-                    [f"m{i}/{INPUT_IMAGE}"],
-                    mode="linear",
-                    antialias=1,
-                    axes=[1, 2],
-                    coordinate_transformation_mode="half_pixel",
-                    name=f"m{i}/resize_input",
-                )
-            )
         nodes.append(helper.make_node("Identity", [INPUT_SEX], [f"m{i}/{INPUT_SEX}"]))
         nodes.extend(graph.node)
         initializers.extend(graph.initializer)
@@ -159,8 +173,9 @@ def shared_split(files: Sequence[ModelFile], csv_path: Path | None):
     keys = []
     for f in files:
         config, recorded = f.metadata.get("training_config", {}), f.metadata.get("training_data", {})
-        if "labels" not in recorded or "seed" not in config or "val_fraction" not in config:
-            raise ExportError(f"{f.path}: its metadata does not record its labels, seed and validation fraction")
+        needed = ("labels", "train_count", "validation_count")
+        if any(k not in recorded for k in needed) or "seed" not in config or "val_fraction" not in config:
+            raise ExportError(f"{f.path}: its metadata does not record its labels, split counts, seed and fraction")
         if "stratified split" not in str(recorded.get("validation_source", "")):
             raise ExportError(f"{f.path}: validated on a separate labelled set; ensembles need a stratified split")
         counts = (recorded.get("train_count"), recorded.get("validation_count"), recorded.get("limit"))
@@ -186,16 +201,6 @@ def shared_split(files: Sequence[ModelFile], csv_path: Path | None):
     return seed, (train_s, val_s, folder, folder)
 
 
-def _median_ms(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1000)
-
-
 def export_ensemble(
     member_paths: Sequence[Path],
     out: Path,
@@ -215,11 +220,19 @@ def export_ensemble(
 
     if len(member_paths) < 2:
         raise ExportError("an ensemble needs at least two model files")
+    if any(Path(out).resolve() == Path(p).resolve() for p in member_paths):
+        raise ExportError(f"{out} is one of the members: write the ensemble elsewhere")
     if len(parity_images) < 16:
         raise ExportError(f"parity needs at least 16 real radiographs, got {len(parity_images)}")
     opened = [open_model_file(p) for p in member_paths]
     files = [f for _, f in opened]
     spec: PreprocessSpec = files[0].spec
+    for f in files:
+        if f.metadata.get("weights_storage", "float16") not in ("float16", "float32"):
+            raise ExportError(
+                f"{f.path.name}: its weights are stored as {f.metadata['weights_storage']}; "
+                "combine the float16 or float32 exports"
+            )
     for f in files[1:]:
         if f.spec.model_copy(update={"input_size": spec.input_size}) != spec:
             raise ExportError(f"{f.path.name}: its preprocessing differs from {files[0].path.name}'s beyond the side")
@@ -253,7 +266,7 @@ def export_ensemble(
         ],
         axis=0,
     )
-    candidates, bounds = {"float32": fp32}, {"float32": PARITY_FP16_MONTHS}
+    candidates, bounds = {"float32": fp32}, {"float32": PARITY_FP32_MONTHS}
     if storage in ("float16", INT8_WEIGHTS):
         copy = onnx.ModelProto()
         copy.CopyFrom(fp32)
@@ -274,9 +287,8 @@ def export_ensemble(
 
     train_s, val_s, image_dir, val_dir = splits
     val_images, val_sex, val_age = run_inputs(val_s, val_dir, spec, cache_dir)
-    for (s, _), f in zip(
-        opened, files, strict=True
-    ):  # Each member alone, on its own preprocessing: what combining gains.
+    # Each member alone, on its own preprocessing: what combining gains.
+    for (s, _), f in zip(opened, files, strict=True):
         own = val_images if f.spec == spec else run_inputs(val_s, val_dir, f.spec, cache_dir)[0]
         report["members"][f.path.name] = {
             "model_version": f.version,
@@ -288,7 +300,12 @@ def export_ensemble(
         cal_images, cal_sex, _ = run_inputs([train_s[i] for i in sorted(pick)], image_dir, spec, cache_dir)
         candidates["int8"] = quantize_int8(fp32, np.asarray(cal_images), cal_sex)
         sessions["int8"] = session_of(candidates["int8"], fold_dequantize=False)
-        report["storage"]["int8"] = {"size_mb": round(candidates["int8"].ByteSize() / 1e6, 2), "bound_months": None}
+        diff = float(np.abs(predict_all(sessions["int8"], images, sex)[0].reshape(-1) - expected).max())
+        report["storage"]["int8"] = {
+            "size_mb": round(candidates["int8"].ByteSize() / 1e6, 2),
+            "max_abs_diff_months": diff,
+            "bound_months": None,  # judged by validation MAE, not single answers
+        }
     val_pred = {name: predict_all(sessions[name], val_images, val_sex)[0].reshape(-1) for name in sessions}
     report["validation_mae"] = {name: float(np.abs(p - val_age).mean()) for name, p in val_pred.items()}
     if storage in ("int8", INT8_WEIGHTS):
@@ -309,8 +326,8 @@ def export_ensemble(
             )
     chosen, session = candidates[storage], sessions[storage]
     report["timing_ms"] = {
-        "onnxruntime_batch1": _median_ms(lambda: predict_all(session, images[:1], sex[:1])),
-        "onnxruntime_batch16": _median_ms(lambda: predict_all(session, images[:16], sex[:16])),
+        "onnxruntime_batch1": _median_ms(lambda: predict_all(session, images[:1], sex[:1]), 5),
+        "onnxruntime_batch16": _median_ms(lambda: predict_all(session, images[:16], sex[:16]), 5),
     }
     reliability = calibrate(session, spec, splits, seed, cache_dir, gate_train_count)
     male = val_sex.reshape(-1) > 0.5
@@ -340,15 +357,10 @@ def export_ensemble(
         | {"members": [f.metadata.get("versions", {}) for f in files]},
         "weights_storage": storage,
         **({"quantization": report["int8"]} if "int8" in report else {}),
-        "parity": report["storage"]["float32" if storage == "int8" else storage]
+        "parity": report["storage"][storage]
         | {"images": len(images), "against": "the member files, each on its own input side"},
         "intended_use": "Decision support and research; not a medical device.",
     }
-    onnx.helper.set_model_props(chosen, encode_metadata(metadata) | {SPEC_KEY: spec.to_json()})
-    chosen.producer_name = "boneage-service export"
-    chosen.doc_string = f"{model_name}: hand radiograph + sex → bone age in months (mean of {len(files)} models)"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(chosen.SerializeToString())
-    _, written = open_model_file(out)  # Read back with the loader the service uses.
-    report.update(path=str(out), file_size_mb=round(out.stat().st_size / 1e6, 2), metadata=written.metadata)
+    description = f"{model_name}: hand radiograph + sex → bone age in months (mean of {len(files)} models)"
+    report.update(write_model_file(chosen, out, metadata, spec, description))
     return report

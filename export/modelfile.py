@@ -139,9 +139,16 @@ def open_session(path: str | Path, providers: list | None = None, options=None):
         # int8-stored weights are dequantised once, at load: by default ONNX Runtime keeps every
         # DequantizeLinear for its int8 kernels and would re-run them on every call (~1.6× slower
         # at batch 1 here). So the file is opened again, told that it has no int8 kernels to keep.
+        # (``options``, when given, gets that entry too.)
+        del session  # one session in memory at a time
         options = options or ort.SessionOptions()
         options.add_session_config_entry(FOLD_DEQUANTIZE, "1")
-        session = ort.InferenceSession(str(path), sess_options=options, providers=providers or ["CPUExecutionProvider"])
+        try:
+            session = ort.InferenceSession(
+                str(path), sess_options=options, providers=providers or ["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            raise ModelFileError(f"{path}: its int8-stored weights could not be loaded: {exc}") from None
     try:
         interval = IntervalModel.from_dict(metadata["interval"]) if "interval" in metadata else None
         gate = FeatureGate.from_dict(metadata["gate"]) if "gate" in metadata else None

@@ -114,7 +114,7 @@ def test_a_bundled_model_file_names_no_path_of_the_machine_it_was_built_on(path)
 
 
 def test_bundled_model_files_stay_within_the_size_limits():
-    """Issue 10: each file ≤ 50 MB with float16-stored weights, no more than 100 MB in all."""
+    """Issue 10: each file ≤ 50 MB (float16- or int8-stored weights), no more than 100 MB in all."""
     sizes = {p.name: p.stat().st_size / 1e6 for p in BUNDLED}
     assert "boneage.onnx" in sizes and all(mb <= 50 for mb in sizes.values()), sizes
     assert sum(sizes.values()) <= 100, sizes
