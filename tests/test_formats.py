@@ -92,14 +92,21 @@ def test_a_dicom_upload_can_be_answered_with_a_structured_report_in_its_own_stud
     path.write_bytes(response.content)
     dump = subprocess.run([require_tool("dsrdump", "dcmtk"), str(path)], capture_output=True, text=True, check=True)
     text = dump.stdout
-    assert f'NUM:(,,"Bone age")="{plain["bone_age_months"]:g}" (mo,UCUM,"month")' in text, text
+
+    def num(name: str, unit: str = "mo") -> float:  # dsrdump writes 101 as "101.0": compare numbers
+        found = re.search(rf'NUM:\(,,"{re.escape(name)}"\)="([-0-9.]+)" \({unit},UCUM', text)
+        assert found, (name, text)
+        return float(found[1])
+
+    assert num("Bone age") == pytest.approx(plain["bone_age_months"])
     assert f'"Algorithm Version")="{plain["model"]["version"]}"' in text
     assert 'IMAGE:(,,"Source of Measurement")' in text
     verdict = plain["assessment"]
     assert f"{verdict['classification']},99BONEAGE" in text
-    assert f'"{verdict["z_score"]:g}" (1,UCUM' in text
+    assert num("Bone age z-score (Greulich & Pyle SD)", "1") == pytest.approx(verdict["z_score"])
     interval = plain["bone_age_interval_months"]
-    assert f'="{interval["lower"]:g}" (mo,UCUM' in text and f'="{interval["upper"]:g}" (mo,UCUM' in text
+    assert num("Bone age 90% prediction interval, lower bound") == pytest.approx(interval["lower"])
+    assert num("Bone age 90% prediction interval, upper bound") == pytest.approx(interval["upper"])
     age = re.search(r'NUM:\(,,"Age"\)="([0-9.]+)" \(mo,UCUM', text)
     assert age and float(age[1]) == plain["chronological_age_months"], text
     assert 'CODE:(,,"Sex the bone age was estimated for")=(248152002,SCT,"Female")' in text
