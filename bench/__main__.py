@@ -45,20 +45,15 @@ def _cpuinfo_lines() -> list[str]:
 def machine() -> dict:
     import onnxruntime as ort
 
+    cpuinfo = _cpuinfo_lines()
     cpu = (
-        next(
-            (line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")),
-            platform.processor(),
-        )
-        if _cpuinfo_lines()
+        next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.processor())
+        if cpuinfo
         else ""
     )
     # The vector units decide how fast the convolutions run (ONNX Runtime's float32 and int8 kernels
     # differ by several times between AVX2 and AVX-512 VNNI), so figures from two machines compare only with them.
-    flags = next(
-        (line.split(":", 1)[1].split() for line in _cpuinfo_lines() if line.startswith("flags")),
-        [],
-    )
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
     vector = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f in flags]
     gpu = ""
     if shutil.which("nvidia-smi"):

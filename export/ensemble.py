@@ -51,7 +51,7 @@ from export.modelfile import (
 )
 from export.modelfile import open_session as open_model_file
 from radiograph import PreprocessSpec
-from radiograph.preprocess import load_file, resize
+from radiograph.preprocess import load_file, to_model_input
 
 #: int8-stored weights round each convolution kernel to 255 levels per output channel: single
 #: answers move by up to about half a month (float16 storage: hundredths), so the file is judged
@@ -253,17 +253,14 @@ def export_ensemble(
     images = np.stack([load_file(p, spec) for p in parity_images])
     sex = (np.arange(len(images)) % 2).astype(np.float32).reshape(-1, 1)
 
-    def member_input(side: int) -> np.ndarray:
-        if side == spec.input_size:
+    def member_input(member: PreprocessSpec) -> np.ndarray:
+        if member.input_size == spec.input_size:
             return images
-        grey = [np.clip(resize(np.ascontiguousarray(x[:, :, 0]), side), 0, 1) for x in (images + 1) / 2]
-        return np.stack([np.repeat(g[:, :, None], 3, axis=2) * 2 - 1 for g in grey]).astype(np.float32)
+        # The square picture in [0, 1] that the ensemble's input holds, through radiograph's last step.
+        return np.stack([to_model_input(np.ascontiguousarray((x[:, :, 0] + 1) / 2), member) for x in images])
 
     expected = np.mean(
-        [
-            predict_all(s, member_input(f.spec.input_size), sex)[0].reshape(-1)
-            for (s, _), f in zip(opened, files, strict=True)
-        ],
+        [predict_all(s, member_input(f.spec), sex)[0].reshape(-1) for (s, _), f in zip(opened, files, strict=True)],
         axis=0,
     )
     candidates, bounds = {"float32": fp32}, {"float32": PARITY_FP32_MONTHS}

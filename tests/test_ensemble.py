@@ -16,7 +16,7 @@ import pytest
 from export import ensemble
 from export.convert import ExportError
 from export.modelfile import FEATURES, open_session
-from radiograph.preprocess import load_file, resize
+from radiograph.preprocess import load_file, resize, to_model_input
 from tests.conftest import HALFRES_PNG
 
 
@@ -77,8 +77,7 @@ def test_the_ensemble_answers_the_mean_of_its_members(larger_member, calibrated_
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.stack([load_file(p, big.spec) for p in parity[:6]])
     # The small member's input: the large one's, resized by radiograph's own resize.
-    grey = [resize(np.ascontiguousarray((t[:, :, 0] + 1) / 2), small.spec.input_size) for t in x]
-    x_small = np.stack([np.repeat(np.clip(g, 0, 1)[:, :, None], 3, axis=2) * 2 - 1 for g in grey])
+    x_small = np.stack([to_model_input(np.ascontiguousarray((t[:, :, 0] + 1) / 2), small.spec) for t in x])
     sex = np.array([[0.0], [1.0]] * 3, np.float32)
     months = session.run(["bone_age_months"], {"image": x, "sex": sex})[0].reshape(-1)
     a = big_session.run(["bone_age_months"], {"image": x, "sex": sex})[0].reshape(-1)
