@@ -61,7 +61,7 @@ async def lifespan(app: FastAPI):
         log.error("cannot start: %s", message)
         raise RuntimeError(message)
     started = time.perf_counter()
-    await asyncio.to_thread(model.warm_up, settings.max_batch_size)
+    warmed = await asyncio.to_thread(model.warm_up, settings.max_batch_size)
     metrics: Metrics = app.state.metrics
     batcher = Batcher(
         model.predict,
@@ -75,7 +75,8 @@ async def lifespan(app: FastAPI):
         settings, model, batcher, pool, metrics, ready=True, explaining=asyncio.Semaphore(settings.explain_concurrency)
     )
     app.state.runtime = runtime
-    log.info("ready: warmed up batch sizes 1–%d in %.1fs", settings.max_batch_size, time.perf_counter() - started)
+    sizes = " and ".join(map(str, warmed))
+    log.info("ready: warmed up batch sizes %s in %.1fs", sizes, time.perf_counter() - started)
     try:
         yield
     finally:

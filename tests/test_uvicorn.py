@@ -47,7 +47,7 @@ def test_start_up_logs_the_execution_provider_and_serves(tmp_path, bundled_model
         assert httpx.get(url + "/healthz").json()["status"] == "ok"
         text = log.read_text()
         assert "execution providers: CPUExecutionProvider" in text
-        assert "ready: warmed up batch sizes 1–16" in text
+        assert "ready: warmed up batch sizes 1 and 16" in text
 
 
 def test_an_explicit_cuda_setting_without_a_usable_gpu_stops_the_start_with_the_reason(tmp_path, bundled_model):

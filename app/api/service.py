@@ -25,7 +25,7 @@ async def healthz(request: Request):
 
 @router.get("/readyz", response_model=Health, tags=["operations"], responses={503: {"model": Health}})
 async def readyz(request: Request):
-    """Readiness: the model is loaded and warmed up for every batch size."""
+    """Readiness: the model is loaded and warmed up (its first call, and its largest batch)."""
     runtime = getattr(request.app.state, "runtime", None)
     if runtime is None or not runtime.ready:
         return JSONResponse(
