@@ -627,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": repeats,
         "images": {"halfres": len(halfres), "fullres": len(fullres)},
     }
-    batch_sizes, rounds = [1, 2, 4, 8, 16, 32], 2 if args.quick else 10
+    batch_sizes, rounds = ([1, 4, 16], 2) if args.quick else ([1, 2, 4, 8, 16, 32], 10)
     limit_runs = []
     for i in range(repeats):
         print(f"limit: bare pipeline ({i + 1} of {repeats})", flush=True)

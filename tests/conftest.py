@@ -8,9 +8,11 @@ work the same way with ``BONEAGE_REQUIRE_TOOLS=1``.
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -54,9 +56,34 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.data)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under pytest-xdist, a test marked ``alone`` has the machine to itself.
+
+    Every test holds a shared lock on one file for its whole run (fixture set-up included, so a
+    trained fixture being built counts); an ``alone`` test takes it exclusively, so it starts once the
+    other worker's current test is done, and that worker starts nothing until it has finished. Tests
+    that measure throughput against a capacity they measured a moment before need this: a neighbour
+    starting to train halfway through would halve the service's share of two cores.
+    """
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None:  # one process: nothing runs beside any test
+        return (yield)
+    with (Path(tempfile.gettempdir()) / f"boneage-tests-{run}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if item.get_closest_marker("alone") else fcntl.LOCK_SH)
+        try:
+            return (yield)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
-    """A real one-epoch training run at 71 px on the 40 fixture thumbnails (shared by tests)."""
+    """A real one-epoch training run at 71 px on the 40 fixture thumbnails (shared by tests).
+
+    Huber loss, as the bundled models were trained, and because Keras saves Huber without its delta:
+    the resume test checks that the run's own loss comes back.
+    """
     from training import train
 
     run = tmp_path_factory.mktemp("runs") / "tiny"
@@ -78,6 +105,8 @@ def tiny_run(tmp_path_factory) -> Path:
             str(run.parent / "cache"),
             "--workers",
             "1",
+            "--loss",
+            "huber",
         ]
     )
     assert code == 0
@@ -102,25 +131,53 @@ def tiny_onnx(tiny_run, tmp_path_factory) -> tuple[Path, dict]:
     return out, report
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The folder ``name``, filled by ``build(folder)`` once per test run, whichever worker asks first.
+
+    pytest-xdist gives each worker its own session, so a session fixture used by files that run on
+    both workers would otherwise be built twice; this one is built by the first to ask while the
+    other waits, in the run's shared temporary folder (the pattern pytest-xdist documents).
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by this run's workers
+    folder = root / name
+    with (root / f"{name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (folder / ".built").is_file():
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir(exist_ok=True)
+                build(folder)
+                (folder / ".built").touch()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def calibrated_onnx(data_dir, tmp_path_factory) -> Path:
     """A real model file with its interval and gate, fitted by export on real radiographs.
 
     One epoch at 71 px on 400 radiographs of the 299 px set (120 held out): far from a good
-    model, but the calibration is computed exactly as for the bundled one.
+    model, but the calibration is computed exactly as for the bundled one. test_ensemble and
+    test_trust both use it: it is built once per run.
     """
-    from export.convert import export_run
-    from training import train
 
-    run = tmp_path_factory.mktemp("runs") / "calibrated"
-    labels = data_dir / "rsna-299px" / "boneage-training-dataset.csv"
-    common = ["--input-size", "71", "--epochs", "1", "--batch-size", "16", "--workers", "2"]
-    split = ["--limit", "400", "--val-fraction", "0.3", "--cache-dir", str(run.parent / "cache")]
-    assert train.main(["--csv", str(labels), "--run-dir", str(run), *common, *split]) == 0
-    out = tmp_path_factory.mktemp("models") / "calibrated.onnx"
-    parity = sorted((data_dir / "rsna-halfres" / "images").glob("*.png"))[:16]
-    export_run(run, out, parity, model_version="calibrated-test", timing_repeats=1, gate_train_count=250)
-    return out
+    def build(folder: Path) -> None:
+        from export.convert import export_run
+        from training import train
+
+        run = folder / "calibrated"
+        labels = data_dir / "rsna-299px" / "boneage-training-dataset.csv"
+        common = ["--input-size", "71", "--epochs", "1", "--batch-size", "16", "--workers", "2"]
+        split = ["--limit", "400", "--val-fraction", "0.3", "--cache-dir", str(folder / "cache")]
+        assert train.main(["--csv", str(labels), "--run-dir", str(run), *common, *split]) == 0
+        parity = sorted((data_dir / "rsna-halfres" / "images").glob("*.png"))[:16]
+        out = folder / "calibrated.onnx"
+        export_run(run, out, parity, model_version="calibrated-test", timing_repeats=1, gate_train_count=250)
+
+    return built_once(tmp_path_factory, "calibrated-model", build) / "calibrated.onnx"
 
 
 BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "models" / "boneage.onnx"

@@ -253,7 +253,7 @@ def test_property_based_no_server_errors_no_schema_violations(tmp_path, bundled_
         assert httpx.get(url + "/readyz").status_code == 200
 
 
-# Overload: twice the measured capacity for a minute, against a real uvicorn.
+# Overload: twice the measured capacity for half a minute, against a real uvicorn.
 
 
 def _rss_mb(pid: int) -> float:
@@ -264,13 +264,17 @@ def _rss_mb(pid: int) -> float:
 
 
 @pytest.mark.slow
-def test_overload_at_twice_capacity_for_a_minute(tmp_path, bundled_model):
-    seconds = float(os.environ.get("BONEAGE_OVERLOAD_SECONDS", "60"))
+@pytest.mark.alone
+def test_overload_at_twice_capacity_for_half_a_minute(tmp_path, bundled_model):
+    seconds = float(os.environ.get("BONEAGE_OVERLOAD_SECONDS", "30"))
     uploads = [
         (HALFRES_PNG.name, HALFRES_PNG.read_bytes(), "female"),
         (HOSPITAL_JPEG.name, HOSPITAL_JPEG.read_bytes(), "male"),
     ]
-    env = server.service_env(model_path=bundled_model, queue_size=32, request_timeout_s=5)
+    # 32 admitted requests are a few seconds of work here, well within the default 30 s deadline. With
+    # a deadline shorter than the queue's wait (5 s against the ensemble's ~5 s for 32), requests time
+    # out inside the batch that computes them, and the work is thrown away.
+    env = server.service_env(model_path=bundled_model, queue_size=32)
     with server.running("app.main:app", tmp_path / "uvicorn.log", env) as (url, proc):
         capacity = load.closed_loop(url, uploads, 8, 5).throughput
         rss_before = _rss_mb(proc.pid)
@@ -301,7 +305,9 @@ def test_overload_at_twice_capacity_for_a_minute(tmp_path, bundled_model):
     assert result.statuses.get(200, 0) > 0.5 * capacity * seconds  # It kept serving at capacity.
     last_third = rss[-max(1, len(rss) // 3) :]
     assert figures["rss_peak_mb"] < rss_before + 600  # Memory stays bounded by the queue...
-    assert max(last_third) - min(last_third) < 100  # ...and is flat by the end, not still growing.
+    # ...and is flat by the end, not still growing: 100 MB over the last third of a minute, scaled to
+    # the run's length (a leak CI once caught grew 180 MB in 20 s).
+    assert max(last_third) - min(last_third) < 100 * max(seconds, 30) / 60
     assert after.errors == 0 and after.throughput > 0.7 * capacity  # And it recovers.
 
 

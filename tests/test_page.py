@@ -44,9 +44,10 @@ def browser():
         driver.quit()
 
 
-@pytest.fixture
-def site(tmp_path, bundled_model):
-    with running_service(tmp_path, model_path=bundled_model) as (url, _, _):
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, bundled_model):
+    """One service for the page's tests: each test drives its own browser, none reads the service's state."""
+    with running_service(tmp_path_factory.mktemp("site"), model_path=bundled_model) as (url, _, _):
         yield url
 
 

@@ -42,7 +42,7 @@ def test_one_epoch_at_71px_writes_checkpoints_history_plot_config_and_spec(tiny_
     assert counts["labels"] == "rsna-100px/boneage-training-dataset.csv"
 
 
-def test_resume_continues_from_the_last_checkpoint(tiny_run, tmp_path):
+def test_resume_continues_from_the_last_checkpoint_on_the_runs_own_loss(tiny_run, tmp_path):
     import shutil
 
     run = tmp_path / "resumed"
@@ -69,6 +69,12 @@ def test_resume_continues_from_the_last_checkpoint(tiny_run, tmp_path):
     # best.keras is replaced only if the resumed epoch beat the best before the stop.
     improved = float(rows[1]["val_loss"]) < float(rows[0]["val_loss"])
     assert ((run / "best.keras").read_bytes() != (tiny_run / "best.keras").read_bytes()) == improved
+    # Keras saves Huber without its delta; the resume must train on the run's own loss, not delta 1.
+    # Huber with delta d on errors of many months is ≈ d·(|e| − d/2): loss/MAE stays on one scale
+    # across the resume (with delta 1 it would collapse to ≈ 1).
+    assert json.loads((run / "config.json").read_text())["loss"] == "huber"
+    ratios = [float(r["val_loss"]) / float(r["val_mae"]) for r in rows]
+    assert ratios[1] == pytest.approx(ratios[0], rel=0.5), ratios
 
 
 def test_a_used_run_folder_is_not_overwritten(tiny_run):
@@ -265,20 +271,6 @@ def test_a_mixed_precision_run_exports_to_a_float32_file(tmp_path):
     assert report["storage"]["float32"]["max_abs_diff_months"] <= 0.05
     assert 0 <= report["mixed_precision_drift_months"] < 2.0
     assert report["metadata"]["training_config"]["mixed_precision"] is True
-
-
-def test_a_resumed_huber_run_keeps_its_loss(tmp_path):
-    """Keras saves Huber without its delta; a resume must train on the run's own loss, not delta 1."""
-    run = tmp_path / "huber"
-    common = ["--workers", "1", "--cache-dir", str(tmp_path / "cache")]
-    first = ["--csv", str(THUMBNAILS_CSV), "--run-dir", str(run), "--input-size", "71", "--batch-size", "8"]
-    assert train.main([*first, "--loss", "huber", "--epochs", "1", *common]) == 0
-    assert train.main(["--run-dir", str(run), "--resume", "--epochs", "2", *common]) == 0
-    rows = list(csv.DictReader((run / "history.csv").open()))
-    # Huber with delta d on errors of many months is ≈ d·(|e| − d/2): loss/MAE stays on one scale
-    # across the resume (with delta 1 it would collapse to ≈ 1).
-    ratios = [float(r["val_loss"]) / float(r["val_mae"]) for r in rows]
-    assert ratios[1] == pytest.approx(ratios[0], rel=0.5), ratios
 
 
 def test_int8_export_quantises_the_convolutions_checks_its_validation_drift_and_serves(tiny_run, tmp_path, monkeypatch):

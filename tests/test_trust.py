@@ -105,9 +105,16 @@ def test_real_hand_radiographs_pass_the_gate_of_a_calibrated_model(make_client, 
         assert response.status_code == 200 and response.json()["warnings"] == [], path.name
 
 
-def test_a_model_file_without_calibration_is_served_and_says_so_once(make_client, tiny_onnx, caplog):
+def test_a_model_file_without_calibration_is_served_and_says_so_once(make_client, calibrated_onnx, tmp_path, caplog):
+    # As `python -m export --no-calibration` writes it: the same file without its interval and gate.
+    model = onnx.load(calibrated_onnx)
+    kept = [p for p in model.metadata_props if p.key not in (PREFIX + "interval", PREFIX + "gate")]
+    assert len(kept) == len(model.metadata_props) - 2
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save(model, tmp_path / "uncalibrated.onnx")
     with caplog.at_level(logging.WARNING, logger="boneage"):
-        client = make_client(model_path=tiny_onnx[0])
+        client = make_client(model_path=tmp_path / "uncalibrated.onnx")
     said = [r.getMessage() for r in caplog.records]
     assert sum("no prediction interval" in m for m in said) == 1
     assert sum("no out-of-distribution gate" in m for m in said) == 1
