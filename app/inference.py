@@ -111,10 +111,13 @@ class Model:
         the largest batch (its memory arena grows: about 0.5 s more at 16) are what cost. A batch size
         in between costs at most a few per cent more on its first call once those two have run
         (measured on the ensemble at batch 3, 5, 7 and 12), while running every size from 1 to 16
-        would hold readiness back by 136 images, about 15 s on two cores. Returns the sizes run.
+        would hold readiness back by 136 images, about 15 s on two cores. On CUDA every size is run:
+        cuDNN may search convolution algorithms for each new shape, and that was not measured here.
+        Returns the sizes run.
         """
         size = self.spec.input_size
-        sizes = sorted({1, max_batch_size})
+        every = CUDA in self.providers
+        sizes = list(range(1, max_batch_size + 1)) if every else sorted({1, max_batch_size})
         for n in sizes:
             self.predict(np.zeros((n, size, size, 3), np.float32), np.zeros((n, 1), np.float32))
         return sizes

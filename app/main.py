@@ -75,7 +75,7 @@ async def lifespan(app: FastAPI):
         settings, model, batcher, pool, metrics, ready=True, explaining=asyncio.Semaphore(settings.explain_concurrency)
     )
     app.state.runtime = runtime
-    sizes = " and ".join(map(str, warmed))
+    sizes = f"1–{warmed[-1]}" if len(warmed) > 2 else " and ".join(map(str, warmed))
     log.info("ready: warmed up batch sizes %s in %.1fs", sizes, time.perf_counter() - started)
     try:
         yield
