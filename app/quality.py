@@ -3,8 +3,9 @@
 A regression model gives a number for anything. Two kinds of evidence say the number
 means nothing:
 
-- the file itself, before the model: a colour photograph is not a radiograph, and a picture
-  wider than tall is no upright hand (turned, cropped to the fingers, or two hands);
+- the file itself, before the model: a colour photograph or a screenshot with coloured bars is
+  not a radiograph, and a picture wider than tall is no upright hand (turned, cropped to the
+  fingers, or two hands);
 - the model's own view: its pooled image features lie far from those of the training
   radiographs (the model file's :class:`export.calibration.FeatureGate`, threshold at a
   high percentile of held-out validation radiographs).
@@ -26,6 +27,12 @@ PROBLEM_TITLE = "Image cannot be rated"
 #: Grey radiographs saved as RGB score 0; phone photos of a film or a screen, tinted by the
 #: light, score up to ~16 in the hospital set; everyday colour photographs score 30 and more.
 MAX_COLOURFULNESS = 25.0
+
+#: Fraction of the picture in strong colour (``radiograph.decode.STRONG_CHROMA``) above which it is
+#: not the radiograph alone: a screenshot with a viewer's coloured bars, or a photograph whose
+#: colour is in one part. Real hand radiographs measured here: 0 except one phone photo of a film
+#: (0.4%); viewer screenshots 2.4–5.8%.
+MAX_COLOURED_FRACTION = 0.01
 
 
 #: Width / height of the picture inside its borders above which it is no upright hand radiograph.
@@ -50,6 +57,12 @@ def file_findings(decoded: DecodedImage) -> list[str]:
         findings.append(
             f"The picture is in colour (colourfulness {decoded.colourfulness:.0f}, a radiograph's is near 0): "
             "it looks like a photograph, not a radiograph."
+        )
+    elif decoded.coloured_fraction is not None and decoded.coloured_fraction > MAX_COLOURED_FRACTION:
+        findings.append(
+            f"{decoded.coloured_fraction:.0%} of the picture is in strong colour, which a radiograph never is: it "
+            "looks like a screenshot (a viewer's window around the image) or a photograph. Send the radiograph "
+            "itself, exported from the viewer or PACS (DICOM where possible)."
         )
     if decoded.content_shape is not None:
         h, w = decoded.content_shape

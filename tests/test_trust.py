@@ -146,3 +146,30 @@ def test_the_real_hands_in_the_fixtures_pass_the_file_checks(client):
 
     for path in (HALFRES_PNG, HOSPITAL_JPEG, SMALL_DICOM):
         assert post(client, path.read_bytes(), path.name).json()["warnings"] == [], path.name
+
+
+def test_a_radiograph_inside_a_viewer_screenshot_is_refused_for_its_coloured_interface(client):
+    """A screenshot keeps the hand's grey and its own coloured bars; no radiograph has those."""
+    from bench.negatives import _grey8, _png, screenshot
+
+    response = post(client, _png(screenshot(_grey8(HALFRES_PNG))), "screenshot.png")
+    assert response.status_code == 422 and response.json()["type"] == OOD
+    assert "screenshot" in response.json()["detail"]
+
+
+def test_every_real_hand_radiograph_here_passes_the_file_checks(data_dir):
+    """Hospital JPEGs (phone photos of films among them), infant PNGs and the full-resolution set:
+    the checks before the model refuse none (the gate's figures: docs/trust/trust.md)."""
+    from app.quality import file_findings
+    from radiograph import PreprocessSpec, load_model_input
+
+    paths = [
+        *sorted((data_dir / "unlabelled").rglob("*.jpg")),
+        *sorted((data_dir / "unlabelled").rglob("*.png")),
+        *sorted((data_dir / "rsna-fullres").rglob("*.png")),
+        data_dir / "dicom" / "hand-dx-ge-14bit.dcm",
+    ]
+    assert len(paths) >= 40
+    for path in paths:
+        _, decoded = load_model_input(path.read_bytes(), PreprocessSpec(input_size=224))
+        assert file_findings(decoded) == [], path.name
