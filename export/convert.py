@@ -251,7 +251,13 @@ RECIPE_KEYS = (
     "mixed_precision",
     "val_fraction",
     "seed",
+    "split_seed",
 )
+
+
+def split_seed(config: dict) -> int:
+    """The seed of a run's training/validation split: runs before ``--split-seed`` used ``--seed``."""
+    return config["split_seed"] if config.get("split_seed") is not None else config["seed"]
 
 
 def training_summary(run_dir: Path) -> dict:
@@ -296,7 +302,7 @@ def run_splits(run_dir: Path, csv_path: Path | None):
         train_s, val_s = samples, data.read_labels(val_labels)
         val_dir = Path(config["val_images"]) if config.get("val_images") else data.default_image_dir(val_labels)
     else:
-        train_s, val_s = data.stratified_split(samples, config["val_fraction"], config["seed"])
+        train_s, val_s = data.stratified_split(samples, config["val_fraction"], split_seed(config))
         val_dir = image_dir
     recorded = json.loads((run_dir / "data.json").read_text()) if (run_dir / "data.json").is_file() else {}
     if recorded and (recorded.get("train_count"), recorded.get("validation_count")) != (len(train_s), len(val_s)):

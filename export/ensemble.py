@@ -36,6 +36,7 @@ from export.convert import (
     predict_all,
     quantize_int8,
     run_inputs,
+    split_seed,
     store_weights_fp16,
     store_weights_int8,
     write_model_file,
@@ -179,7 +180,7 @@ def shared_split(files: Sequence[ModelFile], csv_path: Path | None):
         if "stratified split" not in str(recorded.get("validation_source", "")):
             raise ExportError(f"{f.path}: validated on a separate labelled set; ensembles need a stratified split")
         counts = (recorded.get("train_count"), recorded.get("validation_count"), recorded.get("limit"))
-        keys.append((recorded["labels"], config["seed"], config["val_fraction"], counts))
+        keys.append((recorded["labels"], split_seed(config), config["val_fraction"], counts))
     if len(set(keys)) != 1:
         raise ExportError(
             "members trained on different splits, so one's validation images may be another's training images: "

@@ -80,7 +80,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mixed-precision", action="store_true", help="mixed_bfloat16 on CPU, mixed_float16 on GPU")
     p.add_argument("--cache-dir", type=Path, default=Path("runs/.cache"), help="preprocessed-tensor cache")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="decode processes")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="weights, shuffling and augmentation")
+    p.add_argument(
+        "--split-seed",
+        type=int,
+        help="training/validation split (default: --seed); keep it and change --seed to train an "
+        "independent ensemble member on the same split",
+    )
     return p.parse_args(argv)
 
 
@@ -198,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from training.model import build_model
 
     keras.utils.set_random_seed(args.seed)
+    if args.split_seed is None:
+        args.split_seed = args.seed
     if args.mixed_precision:
         keras.mixed_precision.set_global_policy(
             "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
@@ -211,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         val_s = data.read_labels(args.val_csv)
         val_dir = args.val_images or data.default_image_dir(args.val_csv)
     else:
-        train_s, val_s = data.stratified_split(samples, args.val_fraction, args.seed)
+        train_s, val_s = data.stratified_split(samples, args.val_fraction, args.split_seed)
         val_dir = args.images or data.default_image_dir(args.csv)
     train_dir = args.images or data.default_image_dir(args.csv)
     t0 = time.perf_counter()
