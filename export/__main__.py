@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export.calibration import GATE_PERCENTILE
 from export.modelfile import INPUT_IMAGE, INPUT_SEX, OUTPUT, ModelFileError, open_session
 
 
@@ -45,6 +46,7 @@ def convert(args: argparse.Namespace) -> int:
             csv_path=args.csv,
             cache_dir=args.cache_dir,
             gate_train_count=args.gate_train_count,
+            gate_percentile=args.gate_percentile,
         )
     except ExportError as exc:
         print(f"export refused: {exc}", file=sys.stderr)
@@ -100,6 +102,7 @@ def ensemble(args: argparse.Namespace) -> int:
             csv_path=args.csv,
             cache_dir=args.cache_dir,
             gate_train_count=args.gate_train_count,
+            gate_percentile=args.gate_percentile,
         )
     except (ExportError, ModelFileError) as exc:
         print(f"export refused: {exc}", file=sys.stderr)
@@ -174,6 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    gate_help = (
+        f"percentile of validation radiographs' gate scores that sets the refusal threshold "
+        f"(default {GATE_PERCENTILE:g}: about 1 in 100 refused)"
+    )
     c = sub.add_parser("convert", help="training run → ONNX file with metadata, parity-checked")
     c.add_argument("run_dir", type=Path)
     c.add_argument("--out", type=Path, default=Path("models/boneage.onnx"))
@@ -202,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--csv", type=Path, help="the run's training labels, if not where its config.json says")
     c.add_argument("--cache-dir", type=Path, help="preprocessed-tensor cache (default: the run's)")
     c.add_argument("--gate-train-count", type=int, default=3000, help="training images the gate is fitted on")
+    c.add_argument("--gate-percentile", type=float, help=gate_help)
     c.set_defaults(func=convert)
     e = sub.add_parser("ensemble", help="exported files → one file averaging them, calibrated again")
     e.add_argument("members", type=Path, nargs="+", help="model files; the one with the largest input first")
@@ -220,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--csv", type=Path, help="the members' training labels, if not under the data folder")
     e.add_argument("--cache-dir", type=Path, help="preprocessed-tensor cache")
     e.add_argument("--gate-train-count", type=int, default=3000)
+    e.add_argument("--gate-percentile", type=float, help=gate_help)
     e.set_defaults(func=ensemble)
     v = sub.add_parser("verify", help="print a model file's metadata and run it on one image")
     v.add_argument("model", type=Path)

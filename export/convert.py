@@ -332,14 +332,20 @@ def predict_all(session, images, sex, outputs=(OUTPUT,), batch: int = 32) -> lis
 
 
 def calibrate(
-    session, spec: PreprocessSpec, splits: tuple, seed: int, cache_dir: Path | None, train_count: int
+    session,
+    spec: PreprocessSpec,
+    splits: tuple,
+    seed: int,
+    cache_dir: Path | None,
+    train_count: int,
+    gate_percentile: float | None = None,
 ) -> dict:
     """Fit the interval on the validation split and the gate on training images.
 
     ``splits`` is ``(train, val, train folder, val folder)``: the samples the model trained and
     validated on. Predictions come from ``session``: the exported file itself, as the service runs it.
     """
-    from export.calibration import FeatureGate, IntervalModel
+    from export.calibration import GATE_PERCENTILE, FeatureGate, IntervalModel
 
     train_s, val_s, image_dir, val_dir = splits
     rng = np.random.default_rng(seed)
@@ -354,7 +360,7 @@ def calibrate(
     _, train_features, _ = run(train_s, image_dir)
     try:
         interval = IntervalModel.fit(val_pred, val_age)
-        gate = FeatureGate.fit(train_features, val_features)
+        gate = FeatureGate.fit(train_features, val_features, percentile=gate_percentile or GATE_PERCENTILE)
     except ValueError as exc:
         raise ExportError(f"calibration: {exc} (pass --no-calibration for a model without them)") from None
     return {
@@ -376,6 +382,7 @@ def export_run(
     csv_path: Path | None = None,
     cache_dir: Path | None = None,
     gate_train_count: int = 3000,
+    gate_percentile: float | None = None,
 ) -> dict:
     """Convert, check parity for each storage option, calibrate, write ``out`` with metadata; return a report."""
     import keras
@@ -455,7 +462,7 @@ def export_run(
     if calibration:
         _, train_s, val_s, image_dir, val_dir = run_splits(run_dir, csv_path)
         splits = (train_s, val_s, image_dir, val_dir)
-        reliability = calibrate(session, spec, splits, config["seed"], cache, gate_train_count)
+        reliability = calibrate(session, spec, splits, config["seed"], cache, gate_train_count, gate_percentile)
         report["calibration"] = {
             "interval_bands": len(reliability["interval"]["lower_edges"]),
             "gate_threshold": reliability["gate"]["threshold"],

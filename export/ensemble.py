@@ -212,6 +212,7 @@ def export_ensemble(
     csv_path: Path | None = None,
     cache_dir: Path | None = None,
     gate_train_count: int = 3000,
+    gate_percentile: float | None = None,
 ) -> dict:
     """Combine, check the graph against its members, calibrate, write ``out`` with metadata; return a report."""
     import onnx
@@ -327,7 +328,7 @@ def export_ensemble(
         "onnxruntime_batch1": _median_ms(lambda: predict_all(session, images[:1], sex[:1]), 5),
         "onnxruntime_batch16": _median_ms(lambda: predict_all(session, images[:16], sex[:16]), 5),
     }
-    reliability = calibrate(session, spec, splits, seed, cache_dir, gate_train_count)
+    reliability = calibrate(session, spec, splits, seed, cache_dir, gate_train_count, gate_percentile)
     male = val_sex.reshape(-1) > 0.5
     metadata = {
         "format_version": "1",

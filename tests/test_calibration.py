@@ -75,3 +75,13 @@ def test_gate_passes_its_own_distribution_and_refuses_what_lies_far_from_it():
     np.testing.assert_allclose(again.scores(shifted[:5]), gate.scores(shifted[:5]), rtol=1e-5)
     with pytest.raises(ValueError, match="expected"):
         FeatureGate.from_dict(gate.to_dict() | {"dims": 255})
+
+
+def test_by_default_the_gate_refuses_about_one_real_radiograph_in_a_hundred():
+    """The default threshold: the 99th percentile of held-out scores (export --gate-percentile changes it)."""
+    rng = np.random.default_rng(5)
+    basis = rng.normal(size=(16, 256))
+    make = lambda n: np.maximum(rng.normal(size=(n, 16)) @ basis + rng.normal(0, 0.3, (n, 256)), 0)  # noqa: E731
+    gate = FeatureGate.fit(make(3000), make(4000), components=16)
+    assert gate.percentile == 99.0
+    assert (gate.scores(make(8000)) > gate.threshold).mean() == pytest.approx(0.01, abs=0.004)
