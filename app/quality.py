@@ -60,7 +60,7 @@ def file_findings(decoded: DecodedImage) -> list[str]:
         )
     elif decoded.coloured_fraction is not None and decoded.coloured_fraction > MAX_COLOURED_FRACTION:
         findings.append(
-            f"{decoded.coloured_fraction:.0%} of the picture is in strong colour, which a radiograph never is: it "
+            f"{decoded.coloured_fraction:.1%} of the picture is in strong colour, which a radiograph never is: it "
             "looks like a screenshot (a viewer's window around the image) or a photograph. Send the radiograph "
             "itself, exported from the viewer or PACS (DICOM where possible)."
         )

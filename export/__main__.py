@@ -177,6 +177,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def percentile(text: str) -> float:
+        value = float(text)
+        if not 50 < value < 100:
+            raise argparse.ArgumentTypeError(f"{value:g} is not a percentile between 50 and 100")
+        return value
+
     gate_help = (
         f"percentile of validation radiographs' gate scores that sets the refusal threshold "
         f"(default {GATE_PERCENTILE:g}: about 1 in 100 refused)"
@@ -209,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--csv", type=Path, help="the run's training labels, if not where its config.json says")
     c.add_argument("--cache-dir", type=Path, help="preprocessed-tensor cache (default: the run's)")
     c.add_argument("--gate-train-count", type=int, default=3000, help="training images the gate is fitted on")
-    c.add_argument("--gate-percentile", type=float, help=gate_help)
+    c.add_argument("--gate-percentile", type=percentile, help=gate_help)
     c.set_defaults(func=convert)
     e = sub.add_parser("ensemble", help="exported files → one file averaging them, calibrated again")
     e.add_argument("members", type=Path, nargs="+", help="model files; the one with the largest input first")
@@ -228,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--csv", type=Path, help="the members' training labels, if not under the data folder")
     e.add_argument("--cache-dir", type=Path, help="preprocessed-tensor cache")
     e.add_argument("--gate-train-count", type=int, default=3000)
-    e.add_argument("--gate-percentile", type=float, help=gate_help)
+    e.add_argument("--gate-percentile", type=percentile, help=gate_help)
     e.set_defaults(func=ensemble)
     v = sub.add_parser("verify", help="print a model file's metadata and run it on one image")
     v.add_argument("model", type=Path)

@@ -311,6 +311,11 @@ def run_splits(run_dir: Path, csv_path: Path | None):
             f"trained on {recorded.get('train_count')} and validated on {recorded.get('validation_count')}: "
             "not the run's labels, so validation residuals could come from training images"
         )
+    if recorded.get("validation_fingerprint", data.fingerprint(val_s)) != data.fingerprint(val_s):
+        raise ExportError(
+            f"calibration: the split rebuilt from {labels} holds other validation images than the run recorded: "
+            "validation residuals could come from training images"
+        )
     return config, train_s, val_s, image_dir, val_dir
 
 
@@ -360,7 +365,8 @@ def calibrate(
     _, train_features, _ = run(train_s, image_dir)
     try:
         interval = IntervalModel.fit(val_pred, val_age)
-        gate = FeatureGate.fit(train_features, val_features, percentile=gate_percentile or GATE_PERCENTILE)
+        percentile = GATE_PERCENTILE if gate_percentile is None else gate_percentile
+        gate = FeatureGate.fit(train_features, val_features, percentile=percentile)
     except ValueError as exc:
         raise ExportError(f"calibration: {exc} (pass --no-calibration for a model without them)") from None
     return {

@@ -8,7 +8,7 @@ its preprocessing spec is the file's. A member trained at a smaller side reads t
 resized inside the graph (:func:`resize_node`: what ``radiograph``'s own resize does, to 1e-5),
 so members must share every preprocessing setting but the side.
 
-Members must also come from the same training/validation split (same labels, seed and fraction,
+Members must also come from the same training/validation split (same labels, split seed and fraction,
 recorded in each file), so that the validation residuals that set the ensemble's interval, its
 gate threshold and its int8 check come from images none of its members trained on (read from the
 folder beside the labels, as training reads them by default). The interval
@@ -185,7 +185,7 @@ def shared_split(files: Sequence[ModelFile], csv_path: Path | None):
         raise ExportError(
             "members trained on different splits, so one's validation images may be another's training images: "
             + "; ".join(
-                f"{f.path.name}: {k[0]}, seed {k[1]}, fraction {k[2]}" for f, k in zip(files, keys, strict=True)
+                f"{f.path.name}: {k[0]}, split seed {k[1]}, fraction {k[2]}" for f, k in zip(files, keys, strict=True)
             )
         )
     labels_rel, seed, fraction, counts = keys[0]
@@ -198,6 +198,10 @@ def shared_split(files: Sequence[ModelFile], csv_path: Path | None):
             f"{labels} gives {len(train_s)} training and {len(val_s)} validation images, but the members "
             f"trained on {counts[0]} and validated on {counts[1]}: not their labels"
         )
+    for f in files:  # Counts are the same for every split seed; the ids are not.
+        recorded = f.metadata["training_data"].get("validation_fingerprint", data.fingerprint(val_s))
+        if recorded != data.fingerprint(val_s):
+            raise ExportError(f"{f.path.name}: validated on other images than the split its metadata describes")
     folder = data.default_image_dir(labels)
     return seed, (train_s, val_s, folder, folder)
 

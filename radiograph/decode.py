@@ -59,8 +59,8 @@ class DecodedImage:
     #: scale; ~0 for a grey picture saved as RGB, ~15 and up for a photograph); None for grey files.
     colourfulness: float | None = None
     #: Fraction of the picture in strong colour (chroma over :data:`STRONG_CHROMA`): a viewer's
-    #: interface, coloured marks or a photograph. 0 for grey files and for tinted photos of a film,
-    #: whose colour is weak and spread; None for grey files.
+    #: interface, coloured marks or a photograph. 0 for grey pictures saved in colour, near 0 for
+    #: tinted photos of a film (their colour is weak and spread); None for grey files.
     coloured_fraction: float | None = None
     #: (height, width) of the picture inside its uniform borders, set by preprocessing
     #: (``radiograph.load_model_input``): how the hand is framed, before it is squared.

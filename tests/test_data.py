@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import THUMBNAILS, THUMBNAILS_CSV
-from training.data import DatasetError, Sample, image_paths, read_labels, stratified_split
+from training.data import DatasetError, Sample, fingerprint, image_paths, read_labels, stratified_split
 
 
 def write(tmp_path, text: str):
@@ -65,6 +65,15 @@ def test_split_is_deterministic_disjoint_and_stratified():
     assert share_male == pytest.approx(sum(s.male for s in samples) / 1000, abs=0.02)
     young = sum(s.boneage_months < 48 for s in val) / len(val)
     assert young == pytest.approx(0.24, abs=0.03)
+
+
+def test_only_the_fingerprint_tells_two_split_seeds_apart():
+    """Why model files record their validation fingerprint: every seed gives the same counts."""
+    samples = [Sample(str(i), float(i % 200), i % 3 == 0) for i in range(1000)]
+    (train_a, val_a), (train_b, val_b) = stratified_split(samples, 0.15, seed=42), stratified_split(samples, 0.15, 7)
+    assert (len(train_a), len(val_a)) == (len(train_b), len(val_b))
+    assert fingerprint(val_a) != fingerprint(val_b)
+    assert fingerprint(val_a) == fingerprint(list(reversed(val_a))) and len(fingerprint(val_a)) == 16
 
 
 def test_images_are_found_as_png_or_jpeg(tmp_path):

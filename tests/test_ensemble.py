@@ -83,7 +83,7 @@ def test_the_ensemble_answers_the_mean_of_its_members(larger_member, calibrated_
     months = session.run(["bone_age_months"], {"image": x, "sex": sex})[0].reshape(-1)
     a = big_session.run(["bone_age_months"], {"image": x, "sex": sex})[0].reshape(-1)
     b = small_session.run(["bone_age_months"], {"image": x_small.astype(np.float32), "sex": sex})[0].reshape(-1)
-    # Both members feed the mean (one-epoch members from the same seed can answer almost alike, so
+    # Both members feed the mean (one-epoch members on the same images can answer almost alike, so
     # the numbers alone could not tell a one-member wiring apart).
     mean = next(n for n in graph.graph.node if n.op_type == "Mean")
     assert list(mean.input) == ["m0/bone_age_months", "m1/bone_age_months"]
@@ -150,3 +150,16 @@ def test_members_from_another_split_or_in_the_wrong_order_are_refused(larger_mem
     with pytest.raises(ExportError, match="one of the members"):
         ensemble.export_ensemble([larger_member, calibrated_onnx], calibrated_onnx, parity)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_member_that_validated_on_other_images_is_refused(larger_member, calibrated_onnx, parity, tmp_path):
+    """Every split seed gives the same counts; the recorded validation ids tell splits apart. (The
+    fixtures themselves pass: the 80 px member, trained with --seed 7 --split-seed 42, validated on
+    the calibrated model's images.)"""
+    model = onnx.load(larger_member)
+    for prop in model.metadata_props:
+        if prop.key == "boneage.training_data":
+            prop.value = json.dumps(json.loads(prop.value) | {"validation_fingerprint": "0" * 16})
+    onnx.save(model, tmp_path / "other.onnx")
+    with pytest.raises(ExportError, match="other images"):
+        ensemble.export_ensemble([tmp_path / "other.onnx", calibrated_onnx], tmp_path / "a.onnx", parity)

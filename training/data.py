@@ -39,6 +39,14 @@ class Sample:
     male: bool
 
 
+def fingerprint(samples: Sequence[Sample]) -> str:
+    """A short hash of the image ids: which images a split holds. Train/validation counts are the
+    same for every split seed, so only the ids tell a model file's validation images apart."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(sorted(s.image_id for s in samples)).encode()).hexdigest()[:16]
+
+
 # The three RSNA label layouts: (id column, sex column, age column).
 SCHEMAS: dict[str, tuple[str, str, str]] = {
     "training": ("id", "male", "boneage"),

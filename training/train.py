@@ -247,6 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "labels": _public_name(args.csv),
                     "train_count": len(train_s),
                     "validation_count": len(val_s),
+                    "validation_fingerprint": data.fingerprint(val_s),
                     **({"limit": args.limit} if args.limit else {}),
                     "validation_source": _public_name(args.val_csv)
                     if args.val_csv
