@@ -18,6 +18,19 @@ from tests.conftest import HALFRES_PNG, SMALL_DICOM, THUMBNAILS, THUMBNAILS_CSV
 from training import train
 
 
+@pytest.fixture(autouse=True)
+def release_keras_state():
+    """Each test here trains or converts a Keras model; TensorFlow keeps their traced graphs in the
+    process, and a serial run of the whole suite was once killed for memory (24 GB) in this module."""
+    yield
+    import gc
+
+    import keras
+
+    keras.backend.clear_session()
+    gc.collect()
+
+
 def test_one_epoch_at_71px_writes_checkpoints_history_plot_config_and_spec(tiny_run):
     for name in (
         "best.keras",
