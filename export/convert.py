@@ -265,7 +265,8 @@ def training_summary(run_dir: Path) -> dict:
 
     Epochs come from ``history.csv`` (what ran, across every ``--resume``), not from the
     options of the first launch; a run started from an earlier run's weights (``--init``)
-    includes that run's summary, so a progressive-resizing model describes every stage.
+    includes that run's summary, so a progressive-resizing model describes every stage; weights
+    rebuilt from a model file (``training.recover``) bring that file's own ``training_config``.
     Only run folder names are kept: no path of the training machine.
     """
     config = json.loads((run_dir / "config.json").read_text())
@@ -280,7 +281,14 @@ def training_summary(run_dir: Path) -> dict:
     init = config.get("init")
     if init:
         earlier = Path(init).parent
-        summary["init_from"] = training_summary(earlier) if (earlier / "config.json").is_file() else {}
+        if (earlier / "config.json").is_file():
+            summary["init_from"] = training_summary(earlier)
+        elif (earlier / "recovered.json").is_file():  # weights rebuilt from a model file (training.recover)
+            recovered = json.loads((earlier / "recovered.json").read_text())
+            summary["init_from"] = dict(recovered.get("training_config") or {})
+            summary["init_from"]["recovered_from"] = recovered.get("model_version") or recovered.get("source")
+        else:
+            summary["init_from"] = {}
         summary["init_from"]["run"] = earlier.name
     return summary
 

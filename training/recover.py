@@ -1,0 +1,277 @@
+"""Exported model file → a trainable Keras model, so training can go on from what shipped.
+
+Why: Keras checkpoints live in run folders outside the repository, and they have not survived
+a change of machine; the exported files in ``models/`` have. Without this, every new machine
+starts training from random weights. With it, ``python -m training.train --init`` can start
+from any single-model file this project exported.
+
+The file is a Keras model converted by tf2onnx with each BatchNormalization folded into the
+convolution before it (scaled kernels + a bias). The rebuilt model has ``training.model``'s
+architecture; each folded convolution gets its kernel back and its BatchNormalization is set so
+that, in inference, it adds the folded bias and nothing else. That alone would break training:
+in training mode a BatchNormalization normalises by the batch's own statistics. So the moving
+statistics are then measured on real training radiographs and the layer rescaled to match
+(``recalibrate_batchnorm``), which leaves inference unchanged and makes a training-mode pass
+agree with it. Weights stored as float16 come back float16-rounded (about 0.02 months).
+
+Usage::
+
+    python -m training.recover models/boneage-fast.onnx --out ~/runs/from-xception128-v2
+    python -m training.train --init ~/runs/from-xception128-v2/best.keras ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import keras
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from export.modelfile import INPUT_IMAGE, INPUT_SEX, OUTPUT, decode_metadata, open_session
+from radiograph import PreprocessSpec
+from training import data
+from training.evaluate import predict_keras
+from training.model import build_model
+
+#: Largest |Keras − ONNX Runtime| accepted for the rebuilt model (months): float32 round-off only.
+PARITY_MONTHS = 0.05
+#: Training radiographs whose activations set the BatchNormalization statistics.
+CALIBRATION_IMAGES = 512
+
+
+class RecoverError(RuntimeError):
+    """The file cannot be turned back into a Keras model; the message says why."""
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Every initializer as float32, with the Cast nodes of float16 storage seen through."""
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Cast" and node.input[0] in values:
+            values[node.output[0]] = values[node.input[0]]
+    return {k: v.astype(np.float32) for k, v in values.items() if v.dtype.kind == "f"}
+
+
+def folded_layers(model: onnx.ModelProto) -> dict[str, list]:
+    """The file's convolutions and dense layers, by kind, in graph order.
+
+    ``stem``: the two 3×3 convolutions; ``shortcut``: the 1×1 strided residual convolutions;
+    ``separable``: (depthwise kernel, pointwise kernel, bias) pairs; ``dense``: name → (kernel, bias).
+    """
+    const = _constants(model)
+    nodes = list(model.graph.node)
+    consumers: dict[str, list] = {}
+    for node in nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    out: dict[str, list] = {"stem": [], "shortcut": [], "separable": [], "dense": []}
+    pointwise_done: set[str] = set()
+    for node in nodes:
+        if node.op_type == "Conv":
+            if node.name in pointwise_done:
+                continue
+            kernel = const[node.input[1]]
+            bias = const[node.input[2]] if len(node.input) > 2 else np.zeros(kernel.shape[0], np.float32)
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            if group > 1:  # depthwise: its only consumer is the pointwise half of the separable convolution
+                (pointwise,) = consumers[node.output[0]]
+                if pointwise.op_type != "Conv" or len(pointwise.input) < 3:
+                    raise RecoverError(f"depthwise convolution {node.output[0]} is not followed by a pointwise one")
+                pointwise_done.add(pointwise.name)
+                out["separable"].append((kernel, const[pointwise.input[1]], const[pointwise.input[2]]))
+            elif kernel.shape[2:] == (1, 1):
+                out["shortcut"].append((kernel, bias))
+            else:
+                out["stem"].append((kernel, bias))
+        elif node.op_type == "MatMul" and node.input[1] in const:
+            (add,) = consumers[node.output[0]]
+            out["dense"].append((node.output[0], const[node.input[1]], const[add.input[1]]))
+    return out
+
+
+def _rescaling(model: onnx.ModelProto) -> tuple[float, float]:
+    """(scale, offset) of the last layer, normalised answer → months: the run's target SD and mean."""
+    const = _constants(model)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    add = producers.get(OUTPUT)
+    mul = next((producers.get(i) for i in add.input if i not in const), None) if add is not None else None
+    if add is None or add.op_type != "Add" or mul is None or mul.op_type != "Mul":
+        raise RecoverError("the file does not end in the rescaling to months that training.model builds")
+    offset = next(const[i] for i in add.input if i in const)
+    scale = next(const[i] for i in mul.input if i in const)
+    return float(scale), float(offset)
+
+
+def rebuild(path: Path) -> tuple[keras.Model, dict]:
+    """The file's network as a ``training.model`` Keras model (inference-exact) + the file's metadata."""
+    model = onnx.load(str(path))
+    metadata = decode_metadata({p.key: p.value for p in model.metadata_props})
+    if any(name.startswith("m0/") for node in model.graph.node for name in node.output):
+        raise RecoverError(f"{path}: an ensemble file; recover one of its member files instead")
+    if metadata.get("weights_storage") not in ("float32", "float16"):
+        raise RecoverError(
+            f"{path}: weights stored as {metadata.get('weights_storage')!r}; only float32 or float16 files can "
+            "be trained on (int8 rounding would be trained into the weights)"
+        )
+    spec = PreprocessSpec.model_validate_json(
+        next(p.value for p in model.metadata_props if p.key == "boneage.preprocessing")
+    )
+    layers = folded_layers(model)
+    scale, offset = _rescaling(model)
+    keras_model = build_model(spec.input_size, None, target_mean=offset, target_std=scale)
+
+    convs = {"stem": [], "shortcut": [], "separable": []}
+    for layer in keras_model.layers:
+        if isinstance(layer, keras.layers.SeparableConv2D):
+            convs["separable"].append(layer)
+        elif isinstance(layer, keras.layers.Conv2D):
+            convs["stem" if layer.name.startswith("block1_") else "shortcut"].append(layer)
+    batchnorm = {id(bn.input): bn for bn in keras_model.layers if isinstance(bn, keras.layers.BatchNormalization)}
+    for kind, found in convs.items():
+        if len(found) != len(layers[kind]):
+            raise RecoverError(f"{path}: {len(layers[kind])} {kind} convolutions, the architecture has {len(found)}")
+    for layer, (kernel, bias) in zip(
+        convs["stem"] + convs["shortcut"], layers["stem"] + layers["shortcut"], strict=True
+    ):
+        layer.set_weights([kernel.transpose(2, 3, 1, 0)])
+        _set_bias(batchnorm[id(layer.output)], bias)
+    for layer, (depthwise, pointwise, bias) in zip(convs["separable"], layers["separable"], strict=True):
+        layer.set_weights([depthwise.transpose(2, 3, 0, 1), pointwise.transpose(2, 3, 1, 0)])
+        _set_bias(batchnorm[id(layer.output)], bias)
+    dense = {name: (kernel, bias) for name, kernel, bias in layers["dense"]}
+    for layer_name in ("sex_dense", "head_dense", "age_normalised"):
+        matches = [v for k, v in dense.items() if f"/{layer_name}" in k]
+        if len(matches) != 1:
+            raise RecoverError(f"{path}: no single {layer_name} layer in the file")
+        keras_model.get_layer(layer_name).set_weights(list(matches[0]))
+    return keras_model, metadata | {"preprocessing": spec}
+
+
+def _set_bias(bn: keras.layers.BatchNormalization, bias: np.ndarray) -> None:
+    """Inference y = x + bias: unit scale, zero mean, variance 1 − ε (so √(var + ε) = 1)."""
+    ones = np.ones_like(bias)
+    bn.set_weights([ones, bias, np.zeros_like(bias), ones - bn.epsilon])
+
+
+def recalibrate_batchnorm(model: keras.Model, images: np.ndarray, sex: np.ndarray, batch: int = 32) -> None:
+    """Give every BatchNormalization the statistics of its input on ``images``, inference unchanged.
+
+    Expects the layers as ``rebuild`` leaves them (unit scale, zero mean, the folded bias in β).
+    With input mean m and variance v measured per channel, γ = √(v + ε), β = bias + m: inference
+    computes γ(x − m)/√(v + ε) + β = x + bias, as before, and a training-mode pass, which uses the
+    batch's own mean and variance, now computes about the same thing.
+    """
+    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    probe = keras.Model(model.inputs, [layer.input for layer in layers])
+    sums = [np.zeros(layer.input.shape[-1]) for layer in layers]
+    squares = [np.zeros(layer.input.shape[-1]) for layer in layers]
+    counts = [0] * len(layers)
+    for i in range(0, len(images), batch):
+        outputs = probe({"image": np.asarray(images[i : i + batch]), "sex": sex[i : i + batch]}, training=False)
+        for k, x in enumerate(outputs):
+            x = keras.ops.convert_to_numpy(x).astype(np.float64).reshape(-1, sums[k].shape[0])
+            sums[k] += x.sum(0)
+            squares[k] += (x**2).sum(0)
+            counts[k] += x.shape[0]
+    for k, layer in enumerate(layers):
+        _, bias, _, _ = layer.get_weights()
+        mean = sums[k] / counts[k]
+        var = np.maximum(squares[k] / counts[k] - mean**2, 0.0)
+        layer.set_weights(
+            [
+                np.sqrt(var + layer.epsilon).astype(np.float32),
+                (bias + mean).astype(np.float32),
+                mean.astype(np.float32),
+                var.astype(np.float32),
+            ]
+        )
+
+
+def training_mode_answers(model: keras.Model, images: np.ndarray, sex: np.ndarray) -> np.ndarray:
+    """Answers with BatchNormalization on batch statistics (as in a training step), model left as it was.
+
+    A training-mode call also moves each layer's moving statistics towards the batch's; the weights
+    are put back so that checking does not change what is saved."""
+    weights = model.get_weights()
+    try:
+        return keras.ops.convert_to_numpy(model({"image": np.asarray(images), "sex": sex}, training=True)).ravel()
+    finally:
+        model.set_weights(weights)
+
+
+def training_images(metadata: dict, csv_path: Path, count: int, cache_dir: Path | None):
+    """(images, sex) of ``count`` radiographs from the file's own training split, through its preprocessing."""
+    config = metadata.get("training_config") or {}
+    samples = data.read_labels(csv_path)
+    seed = config.get("split_seed") if config.get("split_seed") is not None else config.get("seed", 42)
+    train_s, _ = data.stratified_split(samples, config.get("val_fraction", 0.15), seed)
+    pick = np.random.default_rng(seed).choice(len(train_s), size=min(count, len(train_s)), replace=False)
+    chosen = [train_s[i] for i in sorted(pick)]
+    images = data.load_images(
+        data.image_paths(chosen, data.default_image_dir(csv_path)), metadata["preprocessing"], cache_dir
+    )
+    sex, _ = data.arrays(chosen)
+    return images, sex
+
+
+def recover(
+    path: Path, out_dir: Path, csv_path: Path, count: int = CALIBRATION_IMAGES, cache_dir: Path | None = None
+) -> dict:
+    """Rebuild, check against ONNX Runtime, recalibrate, check again, save ``out_dir/best.keras``."""
+    model, metadata = rebuild(path)
+    images, sex = training_images(metadata, csv_path, count, cache_dir)
+    session, _ = open_session(path, providers=["CPUExecutionProvider"])
+    # A random batch: the training split is ordered by sex and age band, and a batch of one band has
+    # batch statistics far from the population's (training shuffles; so does this check).
+    check = np.sort(np.random.default_rng(0).permutation(len(sex))[:32])
+    reference = session.run([OUTPUT], {INPUT_IMAGE: np.asarray(images[check]), INPUT_SEX: sex[check]})[0].ravel()
+    rebuilt = predict_keras(model, images[check], sex[check]).ravel()
+    recalibrate_batchnorm(model, images, sex)
+    recalibrated = predict_keras(model, images[check], sex[check]).ravel()
+    training_mode = training_mode_answers(model, images[check], sex[check])
+    report = {
+        "source": path.name,
+        "model_version": metadata.get("model_version"),
+        "weights_storage": metadata.get("weights_storage"),
+        "calibration_images": len(sex),
+        "max_abs_diff_months": float(np.abs(rebuilt - reference).max()),
+        "max_abs_diff_after_recalibration_months": float(np.abs(recalibrated - reference).max()),
+        # Dropout is on in training mode too: this is the batch-statistics gap plus dropout noise.
+        "training_mode_mae_vs_inference_months": float(np.abs(training_mode - reference).mean()),
+        "training_config": metadata.get("training_config"),
+    }
+    if max(report["max_abs_diff_months"], report["max_abs_diff_after_recalibration_months"]) > PARITY_MONTHS:
+        raise RecoverError(f"{path}: the rebuilt Keras model differs from the file: {json.dumps(report)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save(out_dir / "best.keras")
+    metadata["preprocessing"].save(out_dir / "preprocessing.json")
+    (out_dir / "recovered.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.recover", description=__doc__.split("\n\n")[0])
+    p.add_argument("model_file", type=Path, help="an exported single-model file (float32 or float16 weights)")
+    p.add_argument("--out", type=Path, required=True, help="folder for best.keras (use as --init)")
+    p.add_argument("--csv", type=Path, default=data.data_root() / "rsna-299px" / "boneage-training-dataset.csv")
+    p.add_argument("--images", type=int, default=CALIBRATION_IMAGES, help="training radiographs for the statistics")
+    p.add_argument("--cache-dir", type=Path)
+    args = p.parse_args(argv)
+    try:
+        report = recover(args.model_file, args.out, args.csv, args.images, args.cache_dir)
+    except RecoverError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: v for k, v in report.items() if k != "training_config"}, indent=2))
+    print(f"python -m training.train --init {args.out / 'best.keras'} ...")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
