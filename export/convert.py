@@ -282,14 +282,20 @@ def training_summary(run_dir: Path) -> dict:
     if init:
         earlier = Path(init).parent
         if (earlier / "config.json").is_file():
-            summary["init_from"] = training_summary(earlier)
+            summary["init_from"] = training_summary(earlier) | {"run": earlier.name}
         elif (earlier / "recovered.json").is_file():  # weights rebuilt from a model file (training.recover)
             recovered = json.loads((earlier / "recovered.json").read_text())
-            summary["init_from"] = dict(recovered.get("training_config") or {})
-            summary["init_from"]["recovered_from"] = recovered.get("model_version") or recovered.get("source")
+            summary["init_from"] = dict(recovered.get("training_config") or {}) | {
+                "recovered_from": {
+                    "model_version": recovered.get("model_version") or recovered.get("source"),
+                    "weights_storage": recovered.get("weights_storage"),
+                    "batchnorm_statistics_from": f"{recovered.get('calibration_images')} training radiographs",
+                    "folder": earlier.name,
+                },
+                "run": recovered.get("source_run") or earlier.name,  # the run that made the file
+            }
         else:
-            summary["init_from"] = {}
-        summary["init_from"]["run"] = earlier.name
+            summary["init_from"] = {"run": earlier.name}
     return summary
 
 

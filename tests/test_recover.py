@@ -29,15 +29,9 @@ def release_keras_state():
 
 
 def _training_mode_gap(model, images, sex) -> float:
-    """Mean |training-mode − inference| answer on a shuffled batch (dropout off: only BatchNormalization differs)."""
-    pick = np.sort(np.random.default_rng(1).permutation(len(sex))[:32])
-    dropout = model.get_layer("head_dropout")
-    rate, dropout.rate = dropout.rate, 0.0
-    try:
-        trained = recover.training_mode_answers(model, images[pick], sex[pick])
-    finally:
-        dropout.rate = rate
-    inference = model({"image": np.asarray(images[pick]), "sex": sex[pick]}, training=False)
+    """Mean |training-mode − inference| answer over the images as one batch (dropout off)."""
+    trained = recover.training_mode_answers(model, images, sex)
+    inference = model({"image": np.asarray(images), "sex": sex}, training=False)
     return float(np.abs(trained - keras.ops.convert_to_numpy(inference).ravel()).mean())
 
 
@@ -63,15 +57,33 @@ def test_batch_statistics_are_recalibrated_so_training_starts_where_the_file_is(
     where each layer normalises by its batch: recalibration closes that gap without moving inference."""
     model, metadata = recover.rebuild(FAST)
     csv_path = data_dir / "rsna-299px" / "boneage-training-dataset.csv"
-    images, sex = recover.training_images(metadata, csv_path, 128, tmp_path / "cache")
-    before = _training_mode_gap(model, images, sex)
+    images, sex = recover.training_images(metadata, csv_path, count=128, cache_dir=tmp_path / "cache")
+    order = np.random.default_rng(1).permutation(len(sex))
+    calibration, held_out = np.sort(order[:96]), np.sort(order[96:])  # measured on images it was not fitted on
+    before = _training_mode_gap(model, images[held_out], sex[held_out])
     inference = keras.ops.convert_to_numpy(model({"image": np.asarray(images[:8]), "sex": sex[:8]})).ravel()
-    recover.recalibrate_batchnorm(model, images, sex)
-    after = _training_mode_gap(model, images, sex)
+    recover.recalibrate_batchnorm(model, images[calibration], sex[calibration])
+    weights = model.get_weights()
+    after = _training_mode_gap(model, images[held_out], sex[held_out])
+    assert all(
+        np.array_equal(a, b) for a, b in zip(weights, model.get_weights(), strict=True)
+    )  # checking moves nothing
     moved = keras.ops.convert_to_numpy(model({"image": np.asarray(images[:8]), "sex": sex[:8]})).ravel()
     assert before > 20, before  # months: training would start from a broken model
-    assert after < min(12, before / 3), (before, after)  # what is left: the noise of 32 radiographs' statistics
+    assert after < min(8, before / 5), (before, after)  # what is left: 32 radiographs' own statistics
     np.testing.assert_allclose(moved, inference, atol=recover.PARITY_MONTHS)
+
+    recover.recalibrate_batchnorm(model, images[calibration], sex[calibration])  # again: nothing changes
+    again = keras.ops.convert_to_numpy(model({"image": np.asarray(images[:8]), "sex": sex[:8]})).ravel()
+    np.testing.assert_allclose(again, inference, atol=recover.PARITY_MONTHS)
+
+
+def test_a_split_that_differs_from_the_recorded_one_is_refused(data_dir):
+    """Statistics measured on validation images would leak them into the next run's start."""
+    _, metadata = recover.rebuild(FAST)
+    metadata["training_data"] = metadata["training_data"] | {"validation_fingerprint": "0" * 16}
+    with pytest.raises(recover.RecoverError, match="split"):
+        recover.training_images(metadata, data_dir / "rsna-299px" / "boneage-training-dataset.csv", 8, None)
 
 
 def test_an_ensemble_file_is_refused_with_what_to_do_instead():
@@ -99,5 +111,6 @@ def test_training_goes_on_from_a_recovered_file_and_the_new_file_says_where_it_c
         calibration=False,
     )
     init = report["metadata"]["training_config"]["init_from"]
-    assert init["recovered_from"] == "test-1" and init["run"] == "from-tiny" and init["epochs_trained"] == 1
+    assert init["recovered_from"]["model_version"] == "test-1" and init["recovered_from"]["folder"] == "from-tiny"
+    assert init["run"] == "tiny" and init["input_size"] == 71  # the run that made the file, and its recipe
     assert str(tmp_path) not in json.dumps(report["metadata"])

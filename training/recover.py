@@ -12,7 +12,8 @@ that, in inference, it adds the folded bias and nothing else. That alone would b
 in training mode a BatchNormalization normalises by the batch's own statistics. So the moving
 statistics are then measured on real training radiographs and the layer rescaled to match
 (``recalibrate_batchnorm``), which leaves inference unchanged and makes a training-mode pass
-agree with it. Weights stored as float16 come back float16-rounded (about 0.02 months).
+agree with it. Weights stored as float16 come back float16-rounded: the rebuilt model matches
+the file, which differs from the Keras model it was exported from by about 0.02 months.
 
 Usage::
 
@@ -62,7 +63,7 @@ def folded_layers(model: onnx.ModelProto) -> dict[str, list]:
     """The file's convolutions and dense layers, by kind, in graph order.
 
     ``stem``: the two 3×3 convolutions; ``shortcut``: the 1×1 strided residual convolutions;
-    ``separable``: (depthwise kernel, pointwise kernel, bias) pairs; ``dense``: name → (kernel, bias).
+    ``separable``: (depthwise kernel, pointwise kernel, bias); ``dense``: (output name, kernel, bias).
     """
     const = _constants(model)
     nodes = list(model.graph.node)
@@ -105,7 +106,7 @@ def _rescaling(model: onnx.ModelProto) -> tuple[float, float]:
         raise RecoverError("the file does not end in the rescaling to months that training.model builds")
     offset = next(const[i] for i in add.input if i in const)
     scale = next(const[i] for i in mul.input if i in const)
-    return float(scale), float(offset)
+    return float(np.asarray(scale).item()), float(np.asarray(offset).item())
 
 
 def rebuild(path: Path) -> tuple[keras.Model, dict]:
@@ -162,10 +163,10 @@ def _set_bias(bn: keras.layers.BatchNormalization, bias: np.ndarray) -> None:
 def recalibrate_batchnorm(model: keras.Model, images: np.ndarray, sex: np.ndarray, batch: int = 32) -> None:
     """Give every BatchNormalization the statistics of its input on ``images``, inference unchanged.
 
-    Expects the layers as ``rebuild`` leaves them (unit scale, zero mean, the folded bias in β).
-    With input mean m and variance v measured per channel, γ = √(v + ε), β = bias + m: inference
-    computes γ(x − m)/√(v + ε) + β = x + bias, as before, and a training-mode pass, which uses the
-    batch's own mean and variance, now computes about the same thing.
+    Each layer computes a·x + b in inference (a = γ/√(var + ε), b = β − a·mean; after ``rebuild``,
+    a = 1 and b is the folded bias). With the input's mean m and variance v measured per channel,
+    γ = a·√(v + ε) and β = b + a·m keep a·x + b, and a training-mode pass, which uses the batch's
+    own mean and variance, now computes about the same thing. Calling it again re-measures.
     """
     layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     probe = keras.Model(model.inputs, [layer.input for layer in layers])
@@ -180,37 +181,56 @@ def recalibrate_batchnorm(model: keras.Model, images: np.ndarray, sex: np.ndarra
             squares[k] += (x**2).sum(0)
             counts[k] += x.shape[0]
     for k, layer in enumerate(layers):
-        _, bias, _, _ = layer.get_weights()
+        gamma, beta, moving_mean, moving_var = (w.astype(np.float64) for w in layer.get_weights())
+        scale = gamma / np.sqrt(moving_var + layer.epsilon)
+        shift = beta - scale * moving_mean
         mean = sums[k] / counts[k]
         var = np.maximum(squares[k] / counts[k] - mean**2, 0.0)
-        layer.set_weights(
-            [
-                np.sqrt(var + layer.epsilon).astype(np.float32),
-                (bias + mean).astype(np.float32),
-                mean.astype(np.float32),
-                var.astype(np.float32),
-            ]
-        )
+        new = [scale * np.sqrt(var + layer.epsilon), shift + scale * mean, mean, var]
+        layer.set_weights([w.astype(np.float32) for w in new])
 
 
 def training_mode_answers(model: keras.Model, images: np.ndarray, sex: np.ndarray) -> np.ndarray:
-    """Answers with BatchNormalization on batch statistics (as in a training step), model left as it was.
+    """Answers with BatchNormalization on batch statistics (as in a training step), dropout off,
+    model left as it was.
 
     A training-mode call also moves each layer's moving statistics towards the batch's; the weights
     are put back so that checking does not change what is saved."""
     weights = model.get_weights()
+    dropouts = [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+    rates = [layer.rate for layer in dropouts]
+    for layer in dropouts:
+        layer.rate = 0.0
     try:
         return keras.ops.convert_to_numpy(model({"image": np.asarray(images), "sex": sex}, training=True)).ravel()
     finally:
         model.set_weights(weights)
+        for layer, rate in zip(dropouts, rates, strict=True):
+            layer.rate = rate
 
 
 def training_images(metadata: dict, csv_path: Path, count: int, cache_dir: Path | None):
-    """(images, sex) of ``count`` radiographs from the file's own training split, through its preprocessing."""
+    """(images, sex) of ``count`` radiographs from the file's own training split, through its preprocessing.
+
+    The split is rebuilt as training made it and compared with what the file recorded (counts, and
+    the validation ids' fingerprint where present): statistics measured on validation images would
+    leak them into the next run's starting point."""
     config = metadata.get("training_config") or {}
-    samples = data.read_labels(csv_path)
+    recorded = metadata.get("training_data") or {}
+    source = recorded.get("validation_source")
+    if source and not source.endswith("stratified split"):  # a run with --val-csv: not rebuilt here
+        raise RecoverError(f"the file was validated on {source}; recovering such a run is not supported")
+    samples = data.read_labels(csv_path)[: recorded.get("limit")]
     seed = config.get("split_seed") if config.get("split_seed") is not None else config.get("seed", 42)
-    train_s, _ = data.stratified_split(samples, config.get("val_fraction", 0.15), seed)
+    train_s, val_s = data.stratified_split(samples, config.get("val_fraction", 0.15), seed)
+    counts = (recorded.get("train_count", len(train_s)), recorded.get("validation_count", len(val_s)))
+    if counts != (len(train_s), len(val_s)) or recorded.get(
+        "validation_fingerprint", data.fingerprint(val_s)
+    ) != data.fingerprint(val_s):
+        raise RecoverError(
+            f"{csv_path} does not rebuild the file's split ({len(train_s)}/{len(val_s)} against the recorded "
+            f"{counts[0]}/{counts[1]}, or other validation images): not the labels it was trained on"
+        )
     pick = np.random.default_rng(seed).choice(len(train_s), size=min(count, len(train_s)), replace=False)
     chosen = [train_s[i] for i in sorted(pick)]
     images = data.load_images(
@@ -224,6 +244,8 @@ def recover(
     path: Path, out_dir: Path, csv_path: Path, count: int = CALIBRATION_IMAGES, cache_dir: Path | None = None
 ) -> dict:
     """Rebuild, check against ONNX Runtime, recalibrate, check again, save ``out_dir/best.keras``."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise RecoverError(f"{out_dir} is not empty: choose a new folder (a run folder's best.keras would be replaced)")
     model, metadata = rebuild(path)
     images, sex = training_images(metadata, csv_path, count, cache_dir)
     session, _ = open_session(path, providers=["CPUExecutionProvider"])
@@ -238,11 +260,12 @@ def recover(
     report = {
         "source": path.name,
         "model_version": metadata.get("model_version"),
+        "source_run": metadata.get("source_run"),
         "weights_storage": metadata.get("weights_storage"),
         "calibration_images": len(sex),
         "max_abs_diff_months": float(np.abs(rebuilt - reference).max()),
         "max_abs_diff_after_recalibration_months": float(np.abs(recalibrated - reference).max()),
-        # Dropout is on in training mode too: this is the batch-statistics gap plus dropout noise.
+        # Dropout off: the gap between batch statistics of 32 radiographs and the measured ones.
         "training_mode_mae_vs_inference_months": float(np.abs(training_mode - reference).mean()),
         "training_config": metadata.get("training_config"),
     }
