@@ -34,7 +34,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from export.modelfile import INPUT_IMAGE, INPUT_SEX, OUTPUT, decode_metadata, open_session
+from export.convert import ExportError
+from export.ensemble import float32_weights, shared_split
+from export.modelfile import INPUT_IMAGE, INPUT_SEX, OUTPUT, ModelFile, decode_metadata, open_session
 from radiograph import PreprocessSpec
 from training import data
 from training.evaluate import predict_keras
@@ -51,11 +53,8 @@ class RecoverError(RuntimeError):
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Every initializer as float32, with the Cast nodes of float16 storage seen through."""
+    """Every float initializer as float32 (``model`` has been through ``float32_weights``)."""
     values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Cast" and node.input[0] in values:
-            values[node.output[0]] = values[node.input[0]]
     return {k: v.astype(np.float32) for k, v in values.items() if v.dtype.kind == "f"}
 
 
@@ -111,7 +110,7 @@ def _rescaling(model: onnx.ModelProto) -> tuple[float, float]:
 
 def rebuild(path: Path) -> tuple[keras.Model, dict]:
     """The file's network as a ``training.model`` Keras model (inference-exact) + the file's metadata."""
-    model = onnx.load(str(path))
+    model = float32_weights(onnx.load(str(path)))  # float16 storage: initializers + Cast → float32
     metadata = decode_metadata({p.key: p.value for p in model.metadata_props})
     if any(name.startswith("m0/") for node in model.graph.node for name in node.output):
         raise RecoverError(f"{path}: an ensemble file; recover one of its member files instead")
@@ -212,30 +211,17 @@ def training_mode_answers(model: keras.Model, images: np.ndarray, sex: np.ndarra
 def training_images(metadata: dict, csv_path: Path, count: int, cache_dir: Path | None):
     """(images, sex) of ``count`` radiographs from the file's own training split, through its preprocessing.
 
-    The split is rebuilt as training made it and compared with what the file recorded (counts, and
-    the validation ids' fingerprint where present): statistics measured on validation images would
+    The split is rebuilt and checked as ``export ensemble`` does for its members (counts, and the
+    validation ids' fingerprint where recorded): statistics measured on validation images would
     leak them into the next run's starting point."""
-    config = metadata.get("training_config") or {}
-    recorded = metadata.get("training_data") or {}
-    source = recorded.get("validation_source")
-    if source and not source.endswith("stratified split"):  # a run with --val-csv: not rebuilt here
-        raise RecoverError(f"the file was validated on {source}; recovering such a run is not supported")
-    samples = data.read_labels(csv_path)[: recorded.get("limit")]
-    seed = config.get("split_seed") if config.get("split_seed") is not None else config.get("seed", 42)
-    train_s, val_s = data.stratified_split(samples, config.get("val_fraction", 0.15), seed)
-    counts = (recorded.get("train_count", len(train_s)), recorded.get("validation_count", len(val_s)))
-    if counts != (len(train_s), len(val_s)) or recorded.get(
-        "validation_fingerprint", data.fingerprint(val_s)
-    ) != data.fingerprint(val_s):
-        raise RecoverError(
-            f"{csv_path} does not rebuild the file's split ({len(train_s)}/{len(val_s)} against the recorded "
-            f"{counts[0]}/{counts[1]}, or other validation images): not the labels it was trained on"
-        )
+    member = ModelFile(path=Path(str(metadata.get("model_version"))), spec=metadata["preprocessing"], metadata=metadata)
+    try:
+        seed, (train_s, _, folder, _) = shared_split([member], csv_path)
+    except ExportError as exc:
+        raise RecoverError(f"{csv_path} does not rebuild the file's training split: {exc}") from None
     pick = np.random.default_rng(seed).choice(len(train_s), size=min(count, len(train_s)), replace=False)
     chosen = [train_s[i] for i in sorted(pick)]
-    images = data.load_images(
-        data.image_paths(chosen, data.default_image_dir(csv_path)), metadata["preprocessing"], cache_dir
-    )
+    images = data.load_images(data.image_paths(chosen, folder), metadata["preprocessing"], cache_dir)
     sex, _ = data.arrays(chosen)
     return images, sex
 
