@@ -98,11 +98,19 @@ def test_an_image_beyond_the_gate_is_refused_and_with_warn_answered_with_a_warni
     assert warned.json()["bone_age_interval_months"] is not None
 
 
-def test_real_hand_radiographs_pass_the_gate_of_a_calibrated_model(make_client, calibrated_onnx):
+def test_rsna_hands_pass_the_gate_of_a_calibrated_model_about_as_often_as_it_promises(
+    make_client, calibrated_onnx, data_dir
+):
+    """The gate is set at the 99th percentile of its validation images' distances, so nearly every
+    RSNA hand passes. Only RSNA hands here: a one-epoch 71 px model's features are too rough to
+    promise anything about other scanners (a GE DICOM sat at 0.91 of the threshold on one machine and
+    above it on another); the bundled model passes the fixtures of three sources
+    (test_the_real_hands_in_the_fixtures_pass_the_file_checks)."""
     client = make_client(model_path=calibrated_onnx)
-    for path in (HALFRES_PNG, SMALL_DICOM):
-        response = post(client, path.read_bytes(), path.name)
-        assert response.status_code == 200 and response.json()["warnings"] == [], path.name
+    hands = [HALFRES_PNG, *sorted((data_dir / "rsna-halfres" / "images").glob("*.png"))[:19]]
+    answers = [post(client, path.read_bytes(), path.name) for path in hands]
+    passed = [r.status_code == 200 and r.json()["warnings"] == [] for r in answers]
+    assert passed[0] and sum(passed) >= 18, [h.name for h, ok in zip(hands, passed, strict=True) if not ok]
 
 
 def test_a_model_file_without_calibration_is_served_and_says_so_once(make_client, calibrated_onnx, tmp_path, caplog):
@@ -145,7 +153,8 @@ def test_the_real_hands_in_the_fixtures_pass_the_file_checks(client):
     from tests.conftest import HOSPITAL_JPEG
 
     for path in (HALFRES_PNG, HOSPITAL_JPEG, SMALL_DICOM):
-        assert post(client, path.read_bytes(), path.name).json()["warnings"] == [], path.name
+        response = post(client, path.read_bytes(), path.name)
+        assert response.status_code == 200 and response.json()["warnings"] == [], path.name
 
 
 def test_a_radiograph_inside_a_viewer_screenshot_is_refused_for_its_coloured_interface(client):
