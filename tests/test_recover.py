@@ -11,7 +11,7 @@ import pytest
 
 from export.modelfile import INPUT_IMAGE, INPUT_SEX, OUTPUT, open_session
 from radiograph.preprocess import load_file
-from tests.conftest import HALFRES_PNG, THUMBNAILS, THUMBNAILS_CSV
+from tests.conftest import HALFRES_PNG, THUMBNAILS_CSV
 from training import recover, train
 
 FAST = Path(__file__).parents[1] / "models" / "boneage-fast.onnx"
@@ -91,8 +91,10 @@ def test_an_ensemble_file_is_refused_with_what_to_do_instead():
         recover.rebuild(ENSEMBLE)
 
 
-def test_training_goes_on_from_a_recovered_file_and_the_new_file_says_where_it_came_from(tiny_onnx, tmp_path):
-    from export.convert import export_run
+def test_training_goes_on_from_a_recovered_file_and_says_where_it_came_from(tiny_onnx, tmp_path):
+    """What `export convert` writes into the next file's training_config (training_summary; that export
+    carries it is test_train_export's progressive-resizing test, so no second conversion here)."""
+    from export.convert import training_summary
 
     source, _ = tiny_onnx
     rec = tmp_path / "from-tiny"
@@ -102,15 +104,10 @@ def test_training_goes_on_from_a_recovered_file_and_the_new_file_says_where_it_c
     args += ["--batch-size", "8", "--val-fraction", "0.2", "--workers", "1", "--steps-per-epoch", "2"]
     args += ["--init", str(rec / "best.keras"), "--cache-dir", str(tmp_path / "cache")]
     assert train.main(args) == 0
-    report = export_run(
-        run,
-        tmp_path / "next.onnx",
-        sorted(THUMBNAILS.glob("*.png"))[:16],
-        "float16",
-        timing_repeats=1,
-        calibration=False,
-    )
-    init = report["metadata"]["training_config"]["init_from"]
+    summary = training_summary(run)
+    assert summary["epochs_trained"] == 1
+    init = summary["init_from"]
     assert init["recovered_from"]["model_version"] == "test-1" and init["recovered_from"]["folder"] == "from-tiny"
+    assert init["recovered_from"]["batchnorm_statistics_from"] == "16 training radiographs"
     assert init["run"] == "tiny" and init["input_size"] == 71  # the run that made the file, and its recipe
-    assert str(tmp_path) not in json.dumps(report["metadata"])
+    assert str(tmp_path) not in json.dumps(summary)
