@@ -163,3 +163,33 @@ def test_a_member_that_validated_on_other_images_is_refused(larger_member, calib
     onnx.save(model, tmp_path / "other.onnx")
     with pytest.raises(ExportError, match="other images"):
         ensemble.export_ensemble([tmp_path / "other.onnx", calibrated_onnx], tmp_path / "a.onnx", parity)
+
+
+def test_compare_sets_files_and_their_pairs_against_a_baseline_on_the_shared_split(
+    larger_member, calibrated_onnx, capsys
+):
+    """What to bundle is chosen by validation: each file alone, each pair averaged, and the gain over a
+    baseline with a paired-bootstrap interval, all on the one split the files share."""
+    from training import compare
+
+    answers, age = compare.validation_answers([larger_member, calibrated_onnx])
+    held_out = open_session(larger_member)[1].metadata["training_data"]["validation_count"]
+    assert list(answers) == ["member-80", "calibrated-test"] and len(age) == held_out
+    rows = {r.name: r for r in compare.compare(compare.candidates(answers), age, "member-80")}
+    pair = rows["member-80 + calibrated-test"]
+    mean = (answers["member-80"] + answers["calibrated-test"]) / 2
+    assert pair.mae == pytest.approx(np.abs(mean - age).mean())
+    base = rows["member-80"]
+    assert (base.gain, base.low, base.high) == (0.0, 0.0, 0.0)
+    for row in rows.values():
+        assert row.gain == pytest.approx(base.mae - row.mae)
+        assert row.low <= row.gain <= row.high
+
+    assert compare.main([str(larger_member), str(calibrated_onnx), "--baseline", "1+2"]) == 0
+    printed = capsys.readouterr().out
+    assert "| member-80 + calibrated-test (baseline) |" in printed and f"{held_out} radiographs" in printed
+    assert compare.main([str(larger_member), str(calibrated_onnx), "--baseline", "3"]) == 2
+    assert "numbered 1 to 2" in capsys.readouterr().err
+    fast = Path(__file__).resolve().parents[1] / "models" / "boneage-fast.onnx"
+    assert compare.main([str(fast), str(larger_member)]) == 2
+    assert "different splits" in capsys.readouterr().err
