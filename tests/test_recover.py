@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from export.modelfile import INPUT_IMAGE, INPUT_SEX, OUTPUT, open_session
-from radiograph.preprocess import load_file
+from radiograph.preprocess import load_file, resize
 from tests.conftest import HALFRES_PNG, THUMBNAILS_CSV
 from training import recover, train
 
@@ -111,3 +111,37 @@ def test_training_goes_on_from_a_recovered_file_and_says_where_it_came_from(tiny
     assert init["recovered_from"]["batchnorm_statistics_from"] == "16 training radiographs"
     assert init["run"] == "tiny" and init["input_size"] == 71  # the run that made the file, and its recipe
     assert str(tmp_path) not in json.dumps(summary)
+
+
+def test_an_ensemble_member_whose_own_file_is_gone_comes_back_from_the_ensemble(data_dir, tmp_path):
+    """The bundled file's 224 px member lives on only inside it, with int8-stored weights: cut out and
+    rebuilt, it answers as its part of the file does, so training can go on from the best model there is."""
+    import onnxruntime as ort
+
+    csv_path = data_dir / "rsna-299px" / "boneage-training-dataset.csv"
+    report = recover.recover(ENSEMBLE, tmp_path / "rec", csv_path, count=32, cache_dir=tmp_path / "cache", member=0)
+    assert report["model_version"] == "xception224-v3" and report["weights_storage"] == "int8-weights"
+    assert report["ensemble_member"] == {"file_version": "xception-ensemble-v1.2", "index": 0}
+    assert report["max_abs_diff_months"] < recover.PARITY_MONTHS
+
+    # The rebuilt member and the other member, averaged, give the ensemble's answer.
+    larger = keras.models.load_model(tmp_path / "rec" / "best.keras", compile=False)
+    _, small = recover.rebuild(ENSEMBLE, member=1)
+    assert small["model_version"] == "xception128-v2" and small["preprocessing"].input_size == 128
+    small_session = ort.InferenceSession(small["reference"].SerializeToString(), providers=["CPUExecutionProvider"])
+    session, info = open_session(ENSEMBLE, providers=["CPUExecutionProvider"])
+    image = load_file(HALFRES_PNG, info.spec)[None]
+    shrunk = np.stack([resize(image[0, :, :, c], 128) for c in range(3)], axis=-1)[None]
+    sex = np.array([[0.0]], np.float32)
+    expected = session.run([OUTPUT], {INPUT_IMAGE: image, INPUT_SEX: sex})[0].item()
+    first = float(keras.ops.convert_to_numpy(larger({"image": image, "sex": sex}, training=False)).item())
+    second = small_session.run([OUTPUT], {INPUT_IMAGE: shrunk, INPUT_SEX: sex})[0].item()
+    assert abs((first + second) / 2 - expected) < recover.PARITY_MONTHS
+    # ... and the small one is the fast file but for the int8 rounding of its weights.
+    fast_session, _ = open_session(FAST, providers=["CPUExecutionProvider"])
+    assert abs(second - fast_session.run([OUTPUT], {INPUT_IMAGE: shrunk, INPUT_SEX: sex})[0].item()) < 1.0
+
+    with pytest.raises(recover.RecoverError, match="member 2: the file has 2"):
+        recover.rebuild(ENSEMBLE, member=2)
+    with pytest.raises(recover.RecoverError, match="not an ensemble"):
+        recover.rebuild(FAST, member=0)

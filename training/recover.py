@@ -15,9 +15,17 @@ statistics are then measured on real training radiographs and the layer rescaled
 agree with it. Weights stored as float16 come back float16-rounded: the rebuilt model matches
 the file, which differs from the Keras model it was exported from by about 0.02 months.
 
+An ensemble file holds its members' graphs side by side (``m0/``, ``m1/`` …), and for a member
+whose own file is gone it is the only copy left: ``--member K`` cuts member K out
+(:func:`member_graph`) and rebuilds that. Its int8-stored weights come back as the file computes
+with them (rounded to 255 levels per output channel); training starts from those and is free to
+move them, and ``recovered.json`` says so (``weights_storage``). Files with int8 *compute*
+(activations quantised too) are refused: what they compute is not a float network.
+
 Usage::
 
     python -m training.recover models/boneage-fast.onnx --out ~/runs/from-xception128-v2
+    python -m training.recover models/boneage.onnx --member 0 --out ~/runs/from-xception224-v3
     python -m training.train --init ~/runs/from-xception128-v2/best.keras ...
 """
 
@@ -36,7 +44,16 @@ from onnx import numpy_helper
 
 from export.convert import ExportError
 from export.ensemble import float32_weights, shared_split
-from export.modelfile import INPUT_IMAGE, INPUT_SEX, OUTPUT, ModelFile, decode_metadata, open_session
+from export.modelfile import (
+    FEATURES,
+    INPUT_IMAGE,
+    INPUT_SEX,
+    INT8_WEIGHTS,
+    OUTPUT,
+    ModelFile,
+    decode_metadata,
+    open_session,
+)
 from radiograph import PreprocessSpec
 from training import data
 from training.evaluate import predict_keras
@@ -108,20 +125,127 @@ def _rescaling(model: onnx.ModelProto) -> tuple[float, float]:
     return float(np.asarray(scale).item()), float(np.asarray(offset).item())
 
 
-def rebuild(path: Path) -> tuple[keras.Model, dict]:
-    """The file's network as a ``training.model`` Keras model (inference-exact) + the file's metadata."""
+def dequantized_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Undo ``store_weights_int8``: each DequantizeLinear of constant int8 weights → float32 weights.
+
+    What ONNX Runtime itself folds at load (``session.disable_quant_qdq``): (q − zero) · scale, one
+    scale per output channel, computed in float32."""
+    graph = proto.graph
+    const = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    folded, nodes = {}, []
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and all(name in const for name in node.input):
+            q, scale = const[node.input[0]].astype(np.float32), const[node.input[1]].astype(np.float32)
+            zero = const[node.input[2]].astype(np.float32) if len(node.input) > 2 else np.zeros_like(scale)
+            shape = (-1,) + (1,) * (q.ndim - 1)
+            values = ((q - zero.reshape(shape)) * scale.reshape(shape)).astype(np.float32)
+            folded[node.output[0]] = numpy_helper.from_array(values, node.output[0])
+            folded.update({name: None for name in node.input})  # the int8 tensors and scales go
+        else:
+            nodes.append(node)
+    kept = [i for i in graph.initializer if i.name not in folded]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + [t for t in folded.values() if t is not None])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return proto
+
+
+def ensemble_members(metadata: dict) -> list[dict]:
+    """An ensemble file's members as its metadata records them (empty for a single-model file)."""
+    return list((metadata.get("training_config") or {}).get("ensemble", {}).get("members", []))
+
+
+def member_graph(proto: onnx.ModelProto, metadata: dict, index: int) -> tuple[onnx.ModelProto, dict]:
+    """Member ``index`` of an ensemble (float32 weights) as a single-model graph, and its own metadata.
+
+    The member's nodes are those writing ``m{index}/…`` names, apart from the Identity or Resize that
+    feeds it the ensemble's input: it reads ``image`` at its own side and ``sex``, and answers
+    ``bone_age_months`` and ``image_features``, as the file it was combined from did."""
+    from onnx import TensorProto, helper
+
+    members = ensemble_members(metadata)
+    if not 0 <= index < len(members):
+        raise RecoverError(f"member {index}: the file has {len(members)} (0 to {len(members) - 1})")
+    prefix = f"m{index}/"
+    fed = {prefix + INPUT_IMAGE, prefix + INPUT_SEX}
+    nodes = [
+        n for n in proto.graph.node if all(o.startswith(prefix) for o in n.output) and not fed.intersection(n.output)
+    ]
+
+    def own(name: str) -> str:
+        return name.removeprefix(prefix)
+
+    used = {name for n in nodes for name in n.input}
+    initializers = []
+    for init in proto.graph.initializer:
+        if init.name in used:
+            copy = TensorProto()
+            copy.CopyFrom(init)
+            copy.name = own(init.name)
+            initializers.append(copy)
+    renamed = []
+    for n in nodes:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(n)
+        copy.name = own(n.name)
+        copy.input[:] = [own(i) for i in n.input]
+        copy.output[:] = [own(o) for o in n.output]
+        renamed.append(copy)
+    side = int(members[index]["input_size"])
+    graph = helper.make_graph(
+        renamed,
+        f"member_{index}",
+        [
+            helper.make_tensor_value_info(INPUT_IMAGE, TensorProto.FLOAT, ["N", side, side, 3]),
+            helper.make_tensor_value_info(INPUT_SEX, TensorProto.FLOAT, ["N", 1]),
+        ],
+        [
+            helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["N", 1]),
+            helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, ["N", None]),
+        ],
+        initializer=initializers,
+    )
+    member = helper.make_model(graph, opset_imports=list(proto.opset_import))
+    member.ir_version = proto.ir_version
+    onnx.checker.check_model(member)
+    spec = PreprocessSpec.model_validate(metadata["preprocessing"].model_dump() | {"input_size": side})
+    config = members[index].get("training_config") or {}
+    own_metadata = {
+        "model_version": members[index].get("model_version"),
+        "weights_storage": metadata.get("weights_storage"),
+        "training_config": config,
+        "training_data": dict(metadata.get("training_data") or {}) | {"input_size": side},
+        "preprocessing": spec,
+        "ensemble_member": {"file_version": metadata.get("model_version"), "index": index},
+    }
+    return member, own_metadata
+
+
+def rebuild(path: Path, member: int | None = None) -> tuple[keras.Model, dict]:
+    """The file's network (or an ensemble's member ``member``) as a ``training.model`` Keras model
+    (inference-exact) + its metadata, with ``reference``: that network as an ONNX graph."""
     model = float32_weights(onnx.load(str(path)))  # float16 storage: initializers + Cast → float32
     metadata = decode_metadata({p.key: p.value for p in model.metadata_props})
-    if any(name.startswith("m0/") for node in model.graph.node for name in node.output):
-        raise RecoverError(f"{path}: an ensemble file; recover one of its member files instead")
-    if metadata.get("weights_storage") not in ("float32", "float16"):
-        raise RecoverError(
-            f"{path}: weights stored as {metadata.get('weights_storage')!r}; only float32 or float16 files can "
-            "be trained on (int8 rounding would be trained into the weights)"
-        )
-    spec = PreprocessSpec.model_validate_json(
+    metadata["preprocessing"] = PreprocessSpec.model_validate_json(
         next(p.value for p in model.metadata_props if p.key == "boneage.preprocessing")
     )
+    storage = metadata.get("weights_storage")
+    if storage not in ("float32", "float16", INT8_WEIGHTS):
+        raise RecoverError(
+            f"{path}: weights stored as {storage!r}; only files that compute in float32 can be trained on "
+            "(int8 compute quantises the activations too)"
+        )
+    model = dequantized_weights(model)
+    members = ensemble_members(metadata)
+    if members and member is None:
+        names = ", ".join(f"{k}: {m.get('model_version')}" for k, m in enumerate(members))
+        raise RecoverError(f"{path}: an ensemble file; choose one of its members with --member ({names})")
+    if member is not None:
+        if not members:
+            raise RecoverError(f"{path}: not an ensemble file; leave out --member")
+        model, metadata = member_graph(model, metadata, member)
+    spec = metadata["preprocessing"]
     layers = folded_layers(model)
     scale, offset = _rescaling(model)
     keras_model = build_model(spec.input_size, None, target_mean=offset, target_std=scale)
@@ -150,7 +274,7 @@ def rebuild(path: Path) -> tuple[keras.Model, dict]:
         if len(matches) != 1:
             raise RecoverError(f"{path}: no single {layer_name} layer in the file")
         keras_model.get_layer(layer_name).set_weights(list(matches[0]))
-    return keras_model, metadata | {"preprocessing": spec}
+    return keras_model, metadata | {"reference": model}
 
 
 def _set_bias(bn: keras.layers.BatchNormalization, bias: np.ndarray) -> None:
@@ -227,14 +351,24 @@ def training_images(metadata: dict, csv_path: Path, count: int, cache_dir: Path 
 
 
 def recover(
-    path: Path, out_dir: Path, csv_path: Path, count: int = CALIBRATION_IMAGES, cache_dir: Path | None = None
+    path: Path,
+    out_dir: Path,
+    csv_path: Path,
+    count: int = CALIBRATION_IMAGES,
+    cache_dir: Path | None = None,
+    member: int | None = None,
 ) -> dict:
     """Rebuild, check against ONNX Runtime, recalibrate, check again, save ``out_dir/best.keras``."""
+    import onnxruntime as ort
+
     if out_dir.exists() and any(out_dir.iterdir()):
         raise RecoverError(f"{out_dir} is not empty: choose a new folder (a run folder's best.keras would be replaced)")
-    model, metadata = rebuild(path)
+    model, metadata = rebuild(path, member)
     images, sex = training_images(metadata, csv_path, count, cache_dir)
-    session, _ = open_session(path, providers=["CPUExecutionProvider"])
+    if member is None:
+        session, _ = open_session(path, providers=["CPUExecutionProvider"])
+    else:  # the member as the file computes it: its part of the graph, int8 weights folded as at load
+        session = ort.InferenceSession(metadata["reference"].SerializeToString(), providers=["CPUExecutionProvider"])
     # A random batch: the training split is ordered by sex and age band, and a batch of one band has
     # batch statistics far from the population's (training shuffles; so does this check).
     check = np.sort(np.random.default_rng(0).permutation(len(sex))[:32])
@@ -244,7 +378,7 @@ def recover(
     recalibrated = predict_keras(model, images[check], sex[check]).ravel()
     training_mode = training_mode_answers(model, images[check], sex[check])
     report = {
-        "source": path.name,
+        "source": path.name if member is None else f"{path.name}, member {member}",
         "model_version": metadata.get("model_version"),
         "source_run": metadata.get("source_run"),
         "weights_storage": metadata.get("weights_storage"),
@@ -255,6 +389,8 @@ def recover(
         "training_mode_mae_vs_inference_months": float(np.abs(training_mode - reference).mean()),
         "training_config": metadata.get("training_config"),
     }
+    if member is not None:
+        report["ensemble_member"] = metadata["ensemble_member"]
     if max(report["max_abs_diff_months"], report["max_abs_diff_after_recalibration_months"]) > PARITY_MONTHS:
         raise RecoverError(f"{path}: the rebuilt Keras model differs from the file: {json.dumps(report)}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -266,14 +402,15 @@ def recover(
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.recover", description=__doc__.split("\n\n")[0])
-    p.add_argument("model_file", type=Path, help="an exported single-model file (float32 or float16 weights)")
+    p.add_argument("model_file", type=Path, help="an exported model file (float32, float16 or int8-stored weights)")
+    p.add_argument("--member", type=int, help="an ensemble file's member to rebuild (0 = the first, the largest input)")
     p.add_argument("--out", type=Path, required=True, help="folder for best.keras (use as --init)")
     p.add_argument("--csv", type=Path, default=data.data_root() / "rsna-299px" / "boneage-training-dataset.csv")
     p.add_argument("--images", type=int, default=CALIBRATION_IMAGES, help="training radiographs for the statistics")
     p.add_argument("--cache-dir", type=Path)
     args = p.parse_args(argv)
     try:
-        report = recover(args.model_file, args.out, args.csv, args.images, args.cache_dir)
+        report = recover(args.model_file, args.out, args.csv, args.images, args.cache_dir, args.member)
     except RecoverError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
