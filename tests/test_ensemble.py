@@ -166,7 +166,7 @@ def test_a_member_that_validated_on_other_images_is_refused(larger_member, calib
 
 
 def test_compare_sets_files_and_their_pairs_against_a_baseline_on_the_shared_split(
-    larger_member, calibrated_onnx, capsys
+    larger_member, calibrated_onnx, combined, capsys
 ):
     """What to bundle is chosen by validation: each file alone, each pair averaged, and the gain over a
     baseline with a paired-bootstrap interval, all on the one split the files share."""
@@ -193,3 +193,9 @@ def test_compare_sets_files_and_their_pairs_against_a_baseline_on_the_shared_spl
     fast = Path(__file__).resolve().parents[1] / "models" / "boneage-fast.onnx"
     assert compare.main([str(fast), str(larger_member)]) == 2
     assert "different splits" in capsys.readouterr().err
+
+    # FILE#K: an ensemble's member alone, its int8-stored weights as the file computes with them.
+    member, _ = compare.validation_answers([Path(f"{combined[0]}#1"), calibrated_onnx])
+    assert list(member) == ["calibrated-test", "calibrated.onnx"]
+    assert 0 < np.abs(member["calibrated-test"] - member["calibrated.onnx"]).max() < ensemble.PARITY_INT8_WEIGHTS_MONTHS
+    assert compare.main([f"{combined[0]}#2"]) == 2 and "member 2: the file has 2" in capsys.readouterr().err

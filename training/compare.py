@@ -2,6 +2,11 @@
 
     python -m training.compare models/boneage.onnx ~/exports/xception224-v3.onnx \\
         models/boneage-fast.onnx ~/exports/xception128-v3.onnx --baseline 2+3 --cache-dir ~/runs/.cache
+    python -m training.compare models/boneage.onnx models/boneage.onnx#0 ~/exports/xception128-v4.onnx
+
+``FILE#K`` is member K of an ensemble file, alone, as ``training.recover --member K`` rebuilds it
+(its int8-stored weights as the file computes with them): a member whose own file is gone can
+still be paired with a new one.
 
 Why: what to bundle is chosen by validation (the 300 half-resolution radiographs are measured once
 per finalist), and between two good pairs the difference is a few hundredths of a month, within
@@ -43,15 +48,32 @@ class Row:
     high: float
 
 
+def open_entry(entry: Path):
+    """``FILE`` → (session, ModelFile) as the service opens it; ``FILE#K`` → ensemble member K's."""
+    from export.modelfile import ModelFile, open_session
+
+    path, _, member = str(entry).rpartition("#") if "#" in str(entry) else (str(entry), "", "")
+    if not member:
+        return open_session(Path(path))
+    import onnxruntime as ort
+
+    from training.recover import network
+
+    if not member.isdigit():
+        raise ValueError(f"{entry}: write an ensemble's member as FILE#K, K a number from 0")
+    graph, metadata = network(Path(path), int(member))
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session, ModelFile(path=Path(str(entry)), spec=metadata["preprocessing"], metadata=metadata)
+
+
 def validation_answers(
     paths: Sequence[Path], csv_path: Path | None = None, cache_dir: Path | None = None
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Each file's answers on the files' shared validation split (by name) and the true ages."""
     from export.convert import predict_all, run_inputs
     from export.ensemble import shared_split
-    from export.modelfile import open_session
 
-    opened = [open_session(p) for p in paths]
+    opened = [open_entry(p) for p in paths]
     files = [f for _, f in opened]
     _, (_, val_s, _, val_dir) = shared_split(files, csv_path)
     answers: dict[str, np.ndarray] = {}
@@ -125,7 +147,7 @@ def table(rows: Sequence[Row], baseline: str, n: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("files", nargs="+", type=Path, help="model files exported by `python -m export`")
+    parser.add_argument("files", nargs="+", type=Path, help="model files (FILE#K: an ensemble's member K)")
     parser.add_argument("--baseline", default="1", help="file number, or two joined by + (default: 1)")
     parser.add_argument("--csv", type=Path, help="the files' training labels, if not under the data folder")
     parser.add_argument("--cache-dir", type=Path, help="preprocessed-tensor cache")
@@ -133,11 +155,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from export.convert import ExportError
     from export.modelfile import ModelFileError
+    from training.recover import RecoverError
 
     try:
         answers, age = validation_answers(args.files, args.csv, args.cache_dir)
         baseline = baseline_name(args.baseline, list(answers))
-    except (ExportError, ModelFileError, ValueError) as exc:
+    except (ExportError, ModelFileError, RecoverError, ValueError) as exc:
         print(f"compare: {exc}", file=sys.stderr)
         return 2
     print(table(compare(candidates(answers), age, baseline), baseline, len(age)))

@@ -222,9 +222,9 @@ def member_graph(proto: onnx.ModelProto, metadata: dict, index: int) -> tuple[on
     return member, own_metadata
 
 
-def rebuild(path: Path, member: int | None = None) -> tuple[keras.Model, dict]:
-    """The file's network (or an ensemble's member ``member``) as a ``training.model`` Keras model
-    (inference-exact) + its metadata, with ``reference``: that network as an ONNX graph."""
+def network(path: Path, member: int | None = None) -> tuple[onnx.ModelProto, dict]:
+    """The file's network, or an ensemble's member ``member``, as one float32 ONNX graph + its metadata
+    (``preprocessing`` as a spec): what :func:`rebuild` turns into Keras, and what it is checked against."""
     model = float32_weights(onnx.load(str(path)))  # float16 storage: initializers + Cast → float32
     metadata = decode_metadata({p.key: p.value for p in model.metadata_props})
     metadata["preprocessing"] = PreprocessSpec.model_validate_json(
@@ -245,6 +245,13 @@ def rebuild(path: Path, member: int | None = None) -> tuple[keras.Model, dict]:
         if not members:
             raise RecoverError(f"{path}: not an ensemble file; leave out --member")
         model, metadata = member_graph(model, metadata, member)
+    return model, metadata
+
+
+def rebuild(path: Path, member: int | None = None) -> tuple[keras.Model, dict]:
+    """The file's network (or an ensemble's member ``member``) as a ``training.model`` Keras model
+    (inference-exact) + its metadata, with ``reference``: that network as an ONNX graph."""
+    model, metadata = network(path, member)
     spec = metadata["preprocessing"]
     layers = folded_layers(model)
     scale, offset = _rescaling(model)
