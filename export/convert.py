@@ -291,7 +291,8 @@ def training_summary(run_dir: Path) -> dict:
                     "weights_storage": recovered.get("weights_storage"),
                     "batchnorm_statistics_from": f"{recovered.get('calibration_images')} training radiographs",
                     "folder": earlier.name,
-                },
+                }
+                | ({"ensemble_member": recovered["ensemble_member"]} if "ensemble_member" in recovered else {}),
                 "run": recovered.get("source_run") or earlier.name,  # the run that made the file
             }
         else:

@@ -163,6 +163,133 @@ def combine(members: Sequence, sides: Sequence[int], input_side: int):
     return model
 
 
+def dequantized_weights(proto):
+    """Undo :func:`~export.convert.store_weights_int8`: each DequantizeLinear of constant int8 weights
+    → float32 weights, (q − zero) · scale per output channel, computed in float32: what ONNX Runtime
+    itself folds at load (``session.disable_quant_qdq``). Changes ``proto`` in place."""
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    const = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    folded, spent, nodes = [], set(), []
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and all(name in const for name in node.input):
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            if axis != 0 or any(a.name == "block_size" and a.i for a in node.attribute):
+                raise ExportError(
+                    f"{node.output[0]}: int8 weights with scales along axis {axis}, not per output channel"
+                )
+            q, scale = const[node.input[0]].astype(np.float32), const[node.input[1]].astype(np.float32)
+            zero = const[node.input[2]].astype(np.float32) if len(node.input) > 2 else np.zeros_like(scale)
+            shape = (-1,) + (1,) * (q.ndim - 1)
+            values = ((q - zero.reshape(shape)) * scale.reshape(shape)).astype(np.float32)
+            folded.append(numpy_helper.from_array(values, node.output[0]))
+            spent.update(node.input)  # the int8 tensors, scales and zero points
+        else:
+            nodes.append(node)
+    kept = [i for i in graph.initializer if i.name not in spent]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + folded)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return proto
+
+
+def ensemble_members(metadata: dict) -> list[dict]:
+    """An ensemble file's members as its metadata records them (empty for a single-model file)."""
+    return list((metadata.get("training_config") or {}).get("ensemble", {}).get("members", []))
+
+
+def member_graph(proto, metadata: dict, index: int):
+    """Member ``index`` of an ensemble (:func:`combine`'s output) as a single-model graph + its own metadata.
+
+    The member's nodes are those writing ``m{index}/…`` names, apart from the Identity or Resize that
+    feeds it the ensemble's input: it reads ``image`` at its own side and ``sex``, and answers
+    ``bone_age_months`` and ``image_features``, as the file it was combined from did. Its weights are
+    as the ensemble stores them (int8 ones behind their DequantizeLinear). ``metadata`` is the
+    ensemble's, with ``preprocessing`` as a spec."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    members = ensemble_members(metadata)
+    if not 0 <= index < len(members):
+        raise ExportError(f"member {index}: the file has {len(members)} (0 to {len(members) - 1})")
+    prefix = f"m{index}/"
+    fed = {prefix + INPUT_IMAGE, prefix + INPUT_SEX}
+    chosen = [
+        n for n in proto.graph.node if all(o.startswith(prefix) for o in n.output) and not fed.intersection(n.output)
+    ]
+
+    def own(name: str) -> str:
+        return name.removeprefix(prefix)
+
+    used = {name for n in chosen for name in n.input}
+    initializers, nodes = [], []
+    for init in proto.graph.initializer:
+        if init.name in used:
+            copy = TensorProto()
+            copy.CopyFrom(init)
+            copy.name = own(init.name)
+            initializers.append(copy)
+    for n in chosen:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(n)
+        copy.name = own(n.name)
+        copy.input[:] = [own(i) for i in n.input]
+        copy.output[:] = [own(o) for o in n.output]
+        nodes.append(copy)
+    side = int(members[index]["input_size"])
+    graph = helper.make_graph(
+        nodes,
+        f"member_{index}",
+        [
+            helper.make_tensor_value_info(INPUT_IMAGE, TensorProto.FLOAT, ["N", side, side, 3]),
+            helper.make_tensor_value_info(INPUT_SEX, TensorProto.FLOAT, ["N", 1]),
+        ],
+        [
+            helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["N", 1]),
+            helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, ["N", None]),
+        ],
+        initializer=initializers,
+    )
+    member = helper.make_model(graph, opset_imports=list(proto.opset_import))
+    member.ir_version = proto.ir_version
+    onnx.checker.check_model(member)
+    own_metadata = {
+        "model_version": members[index].get("model_version"),
+        "weights_storage": metadata.get("weights_storage"),
+        "training_config": members[index].get("training_config") or {},
+        "training_data": dict(metadata.get("training_data") or {}) | {"input_size": side},
+        "preprocessing": PreprocessSpec.model_validate(metadata["preprocessing"].model_dump() | {"input_size": side}),
+        "ensemble_member": {"file_version": metadata.get("model_version"), "index": index},
+    }
+    return member, own_metadata
+
+
+def member_session(graph, weights_storage: str | None):
+    """An ONNX Runtime session on a member graph, its int8-stored weights folded once as the file's are."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if weights_storage == INT8_WEIGHTS:
+        options.add_session_config_entry(FOLD_DEQUANTIZE, "1")
+    return ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def open_member(path: Path, index: int) -> tuple[object, ModelFile]:
+    """``open_session`` for member ``index`` of an ensemble file: (session, ModelFile named ``FILE#K``)."""
+    import onnx
+
+    _, info = open_model_file(path)  # checked as the service checks it
+    if not ensemble_members(info.metadata):
+        raise ExportError(f"{path}: not an ensemble file, so it has no member {index}")
+    graph, metadata = member_graph(
+        float32_weights(onnx.load(str(path))), info.metadata | {"preprocessing": info.spec}, index
+    )
+    member = ModelFile(path=Path(f"{path}#{index}"), spec=metadata["preprocessing"], metadata=metadata)
+    return member_session(graph, metadata["weights_storage"]), member
+
+
 def shared_split(files: Sequence[ModelFile], csv_path: Path | None):
     """The one training/validation split every member used → ``(seed, (train, val, folder, folder))``.
 

@@ -196,6 +196,22 @@ def test_compare_sets_files_and_their_pairs_against_a_baseline_on_the_shared_spl
 
     # FILE#K: an ensemble's member alone, its int8-stored weights as the file computes with them.
     member, _ = compare.validation_answers([Path(f"{combined[0]}#1"), calibrated_onnx])
-    assert list(member) == ["calibrated-test", "calibrated.onnx"]
-    assert 0 < np.abs(member["calibrated-test"] - member["calibrated.onnx"]).max() < ensemble.PARITY_INT8_WEIGHTS_MONTHS
+    assert list(member) == ["calibrated-test", "calibrated-test (2)"]
+    rounding = np.abs(member["calibrated-test"] - member["calibrated-test (2)"])
+    assert 0 < rounding.max() < ensemble.PARITY_INT8_WEIGHTS_MONTHS
     assert compare.main([f"{combined[0]}#2"]) == 2 and "member 2: the file has 2" in capsys.readouterr().err
+
+
+def test_compare_pairs_each_image_with_itself_and_reads_the_baseline_as_listed():
+    """A candidate 2 months closer on every image gains exactly 2 (a paired bootstrap has no spread
+    then; an unpaired one would); "3+2" is "2+3"; a file cannot be its own pair."""
+    from training import compare
+
+    errors = np.random.default_rng(0).uniform(3, 30, 500) * np.random.default_rng(1).choice([-1, 1], 500)
+    gain, low, high = compare.paired_gain(errors, errors - 2 * np.sign(errors))
+    assert gain == pytest.approx(2) and low == pytest.approx(2) and high == pytest.approx(2)
+    names = ["a", "b", "c"]
+    assert compare.baseline_name("3+2", names) == compare.baseline_name("2+3", names) == "b + c"
+    for wrong in ("2+2", "4", "1+2+3", "b"):
+        with pytest.raises(ValueError, match="--baseline"):
+            compare.baseline_name(wrong, names)

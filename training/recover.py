@@ -3,7 +3,7 @@
 Why: Keras checkpoints live in run folders outside the repository, and they have not survived
 a change of machine; the exported files in ``models/`` have. Without this, every new machine
 starts training from random weights. With it, ``python -m training.train --init`` can start
-from any single-model file this project exported.
+from any model file this project exported, or from any member of an ensemble file.
 
 The file is a Keras model converted by tf2onnx with each BatchNormalization folded into the
 convolution before it (scaled kernels + a bias). The rebuilt model has ``training.model``'s
@@ -17,7 +17,8 @@ the file, which differs from the Keras model it was exported from by about 0.02 
 
 An ensemble file holds its members' graphs side by side (``m0/``, ``m1/`` …), and for a member
 whose own file is gone it is the only copy left: ``--member K`` cuts member K out
-(:func:`member_graph`) and rebuilds that. Its int8-stored weights come back as the file computes
+(``export.ensemble.member_graph``) and rebuilds that, checked against that part of the file as
+ONNX Runtime computes it. Its int8-stored weights come back as the file computes
 with them (rounded to 255 levels per output channel); training starts from those and is free to
 move them, and ``recovered.json`` says so (``weights_storage``). Files with int8 *compute*
 (activations quantised too) are refused: what they compute is not a float network.
@@ -43,18 +44,15 @@ import onnx
 from onnx import numpy_helper
 
 from export.convert import ExportError
-from export.ensemble import float32_weights, shared_split
-from export.modelfile import (
-    FEATURES,
-    INPUT_IMAGE,
-    INPUT_SEX,
-    INT8_WEIGHTS,
-    OUTPUT,
-    ModelFile,
-    decode_metadata,
-    open_session,
+from export.ensemble import (
+    dequantized_weights,
+    ensemble_members,
+    float32_weights,
+    member_graph,
+    member_session,
+    shared_split,
 )
-from radiograph import PreprocessSpec
+from export.modelfile import INPUT_IMAGE, INPUT_SEX, INT8_WEIGHTS, OUTPUT, ModelFile, ModelFileError, open_session
 from training import data
 from training.evaluate import predict_keras
 from training.model import build_model
@@ -125,127 +123,42 @@ def _rescaling(model: onnx.ModelProto) -> tuple[float, float]:
     return float(np.asarray(scale).item()), float(np.asarray(offset).item())
 
 
-def dequantized_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Undo ``store_weights_int8``: each DequantizeLinear of constant int8 weights → float32 weights.
-
-    What ONNX Runtime itself folds at load (``session.disable_quant_qdq``): (q − zero) · scale, one
-    scale per output channel, computed in float32."""
-    graph = proto.graph
-    const = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    folded, nodes = {}, []
-    for node in graph.node:
-        if node.op_type == "DequantizeLinear" and all(name in const for name in node.input):
-            q, scale = const[node.input[0]].astype(np.float32), const[node.input[1]].astype(np.float32)
-            zero = const[node.input[2]].astype(np.float32) if len(node.input) > 2 else np.zeros_like(scale)
-            shape = (-1,) + (1,) * (q.ndim - 1)
-            values = ((q - zero.reshape(shape)) * scale.reshape(shape)).astype(np.float32)
-            folded[node.output[0]] = numpy_helper.from_array(values, node.output[0])
-            folded.update({name: None for name in node.input})  # the int8 tensors and scales go
-        else:
-            nodes.append(node)
-    kept = [i for i in graph.initializer if i.name not in folded]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + [t for t in folded.values() if t is not None])
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return proto
-
-
-def ensemble_members(metadata: dict) -> list[dict]:
-    """An ensemble file's members as its metadata records them (empty for a single-model file)."""
-    return list((metadata.get("training_config") or {}).get("ensemble", {}).get("members", []))
-
-
-def member_graph(proto: onnx.ModelProto, metadata: dict, index: int) -> tuple[onnx.ModelProto, dict]:
-    """Member ``index`` of an ensemble (float32 weights) as a single-model graph, and its own metadata.
-
-    The member's nodes are those writing ``m{index}/…`` names, apart from the Identity or Resize that
-    feeds it the ensemble's input: it reads ``image`` at its own side and ``sex``, and answers
-    ``bone_age_months`` and ``image_features``, as the file it was combined from did."""
-    from onnx import TensorProto, helper
-
-    members = ensemble_members(metadata)
-    if not 0 <= index < len(members):
-        raise RecoverError(f"member {index}: the file has {len(members)} (0 to {len(members) - 1})")
-    prefix = f"m{index}/"
-    fed = {prefix + INPUT_IMAGE, prefix + INPUT_SEX}
-    nodes = [
-        n for n in proto.graph.node if all(o.startswith(prefix) for o in n.output) and not fed.intersection(n.output)
-    ]
-
-    def own(name: str) -> str:
-        return name.removeprefix(prefix)
-
-    used = {name for n in nodes for name in n.input}
-    initializers = []
-    for init in proto.graph.initializer:
-        if init.name in used:
-            copy = TensorProto()
-            copy.CopyFrom(init)
-            copy.name = own(init.name)
-            initializers.append(copy)
-    renamed = []
-    for n in nodes:
-        copy = onnx.NodeProto()
-        copy.CopyFrom(n)
-        copy.name = own(n.name)
-        copy.input[:] = [own(i) for i in n.input]
-        copy.output[:] = [own(o) for o in n.output]
-        renamed.append(copy)
-    side = int(members[index]["input_size"])
-    graph = helper.make_graph(
-        renamed,
-        f"member_{index}",
-        [
-            helper.make_tensor_value_info(INPUT_IMAGE, TensorProto.FLOAT, ["N", side, side, 3]),
-            helper.make_tensor_value_info(INPUT_SEX, TensorProto.FLOAT, ["N", 1]),
-        ],
-        [
-            helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["N", 1]),
-            helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, ["N", None]),
-        ],
-        initializer=initializers,
-    )
-    member = helper.make_model(graph, opset_imports=list(proto.opset_import))
-    member.ir_version = proto.ir_version
-    onnx.checker.check_model(member)
-    spec = PreprocessSpec.model_validate(metadata["preprocessing"].model_dump() | {"input_size": side})
-    config = members[index].get("training_config") or {}
-    own_metadata = {
-        "model_version": members[index].get("model_version"),
-        "weights_storage": metadata.get("weights_storage"),
-        "training_config": config,
-        "training_data": dict(metadata.get("training_data") or {}) | {"input_size": side},
-        "preprocessing": spec,
-        "ensemble_member": {"file_version": metadata.get("model_version"), "index": index},
-    }
-    return member, own_metadata
-
-
 def network(path: Path, member: int | None = None) -> tuple[onnx.ModelProto, dict]:
     """The file's network, or an ensemble's member ``member``, as one float32 ONNX graph + its metadata
-    (``preprocessing`` as a spec): what :func:`rebuild` turns into Keras, and what it is checked against."""
-    model = float32_weights(onnx.load(str(path)))  # float16 storage: initializers + Cast → float32
-    metadata = decode_metadata({p.key: p.value for p in model.metadata_props})
-    metadata["preprocessing"] = PreprocessSpec.model_validate_json(
-        next(p.value for p in model.metadata_props if p.key == "boneage.preprocessing")
-    )
-    storage = metadata.get("weights_storage")
+    (``preprocessing`` as a spec; ``reference``: the same network as the file computes it, int8-stored
+    weights still behind their DequantizeLinear): what :func:`rebuild` turns into Keras, and what
+    that is checked against."""
+    try:
+        _, info = open_session(path, providers=["CPUExecutionProvider"])  # checked as the service checks it
+    except ModelFileError as exc:
+        raise RecoverError(str(exc)) from None
+    storage = info.metadata.get("weights_storage")
     if storage not in ("float32", "float16", INT8_WEIGHTS):
         raise RecoverError(
             f"{path}: weights stored as {storage!r}; only files that compute in float32 can be trained on "
             "(int8 compute quantises the activations too)"
         )
-    model = dequantized_weights(model)
+    model = float32_weights(onnx.load(str(path)))  # float16 storage: initializers + Cast → float32
+    metadata = info.metadata | {"preprocessing": info.spec}
     members = ensemble_members(metadata)
+    if not members and any(name.startswith("m0/") for node in model.graph.node for name in node.output):
+        raise RecoverError(f"{path}: an ensemble file that does not record its members; recover their own files")
     if members and member is None:
         names = ", ".join(f"{k}: {m.get('model_version')}" for k, m in enumerate(members))
         raise RecoverError(f"{path}: an ensemble file; choose one of its members with --member ({names})")
     if member is not None:
         if not members:
             raise RecoverError(f"{path}: not an ensemble file; leave out --member")
-        model, metadata = member_graph(model, metadata, member)
-    return model, metadata
+        try:
+            model, metadata = member_graph(model, metadata, member)
+        except ExportError as exc:
+            raise RecoverError(f"{path}: {exc}") from None
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+    try:
+        return dequantized_weights(model), metadata | {"reference": reference}
+    except ExportError as exc:
+        raise RecoverError(f"{path}: {exc}") from None
 
 
 def rebuild(path: Path, member: int | None = None) -> tuple[keras.Model, dict]:
@@ -366,8 +279,6 @@ def recover(
     member: int | None = None,
 ) -> dict:
     """Rebuild, check against ONNX Runtime, recalibrate, check again, save ``out_dir/best.keras``."""
-    import onnxruntime as ort
-
     if out_dir.exists() and any(out_dir.iterdir()):
         raise RecoverError(f"{out_dir} is not empty: choose a new folder (a run folder's best.keras would be replaced)")
     model, metadata = rebuild(path, member)
@@ -375,7 +286,7 @@ def recover(
     if member is None:
         session, _ = open_session(path, providers=["CPUExecutionProvider"])
     else:  # the member as the file computes it: its part of the graph, int8 weights folded as at load
-        session = ort.InferenceSession(metadata["reference"].SerializeToString(), providers=["CPUExecutionProvider"])
+        session = member_session(metadata["reference"], metadata["weights_storage"])
     # A random batch: the training split is ordered by sex and age band, and a batch of one band has
     # batch statistics far from the population's (training shuffles; so does this check).
     check = np.sort(np.random.default_rng(0).permutation(len(sex))[:32])
