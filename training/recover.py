@@ -163,7 +163,7 @@ def network(path: Path, member: int | None = None) -> tuple[onnx.ModelProto, dic
 
 def rebuild(path: Path, member: int | None = None) -> tuple[keras.Model, dict]:
     """The file's network (or an ensemble's member ``member``) as a ``training.model`` Keras model
-    (inference-exact) + its metadata, with ``reference``: that network as an ONNX graph."""
+    (inference-exact) + its metadata, with ``reference`` as :func:`network` gives it."""
     model, metadata = network(path, member)
     spec = metadata["preprocessing"]
     layers = folded_layers(model)
@@ -194,7 +194,7 @@ def rebuild(path: Path, member: int | None = None) -> tuple[keras.Model, dict]:
         if len(matches) != 1:
             raise RecoverError(f"{path}: no single {layer_name} layer in the file")
         keras_model.get_layer(layer_name).set_weights(list(matches[0]))
-    return keras_model, metadata | {"reference": model}
+    return keras_model, metadata
 
 
 def _set_bias(bn: keras.layers.BatchNormalization, bias: np.ndarray) -> None:
