@@ -266,14 +266,15 @@ def member_graph(proto, metadata: dict, index: int):
     return member, own_metadata
 
 
-def member_session(graph, weights_storage: str | None):
-    """An ONNX Runtime session on a member graph, its int8-stored weights folded once as the file's are."""
+def graph_session(proto, fold_dequantize: bool = True):
+    """An ONNX Runtime session on an in-memory graph, int8-stored weights folded once as the service
+    folds a file's (``export.modelfile.open_session``)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    if weights_storage == INT8_WEIGHTS:
+    if fold_dequantize:
         options.add_session_config_entry(FOLD_DEQUANTIZE, "1")
-    return ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def open_member(path: Path, index: int) -> tuple[object, ModelFile]:
@@ -287,7 +288,7 @@ def open_member(path: Path, index: int) -> tuple[object, ModelFile]:
         float32_weights(onnx.load(str(path))), info.metadata | {"preprocessing": info.spec}, index
     )
     member = ModelFile(path=Path(f"{path}#{index}"), spec=metadata["preprocessing"], metadata=metadata)
-    return member_session(graph, metadata["weights_storage"]), member
+    return graph_session(graph, metadata["weights_storage"] == INT8_WEIGHTS), member
 
 
 def shared_split(files: Sequence[ModelFile], csv_path: Path | None):
@@ -375,12 +376,6 @@ def export_ensemble(
     sides = [f.spec.input_size for f in files]
     fp32 = combine([float32_weights(onnx.load(str(f.path))) for f in files], sides, spec.input_size)
 
-    def session_of(proto, fold_dequantize: bool = True):
-        options = ort.SessionOptions()
-        if fold_dequantize:  # as the service opens an int8-weights file (export.modelfile.open_session)
-            options.add_session_config_entry(FOLD_DEQUANTIZE, "1")
-        return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
     # Parity: the combined graph against its members run on their own inputs (the ensemble's input,
     # resized by radiograph's resize where the member is smaller): tests the wiring and the in-graph resize.
     images = np.stack([load_file(p, spec) for p in parity_images])
@@ -405,7 +400,7 @@ def export_ensemble(
     report: dict = {"parity_images": len(images), "storage": {}, "members": {}}
     sessions = {}
     for name, proto in candidates.items():
-        sessions[name] = session_of(proto)
+        sessions[name] = graph_session(proto)
         diff = float(np.abs(predict_all(sessions[name], images, sex)[0].reshape(-1) - expected).max())
         report["storage"][name] = {
             "size_mb": round(proto.ByteSize() / 1e6, 2),
@@ -429,7 +424,7 @@ def export_ensemble(
         pick = np.random.default_rng(seed + 1).permutation(len(train_s))[:INT8_CALIBRATION_IMAGES]
         cal_images, cal_sex, _ = run_inputs([train_s[i] for i in sorted(pick)], image_dir, spec, cache_dir)
         candidates["int8"] = quantize_int8(fp32, np.asarray(cal_images), cal_sex)
-        sessions["int8"] = session_of(candidates["int8"], fold_dequantize=False)
+        sessions["int8"] = graph_session(candidates["int8"], fold_dequantize=False)
         diff = float(np.abs(predict_all(sessions["int8"], images, sex)[0].reshape(-1) - expected).max())
         report["storage"]["int8"] = {
             "size_mb": round(candidates["int8"].ByteSize() / 1e6, 2),

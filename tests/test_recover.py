@@ -116,7 +116,7 @@ def test_training_goes_on_from_a_recovered_file_and_says_where_it_came_from(tiny
 def test_an_ensemble_member_whose_own_file_is_gone_comes_back_from_the_ensemble(data_dir, tmp_path):
     """The bundled file's 224 px member lives on only inside it, with int8-stored weights: cut out and
     rebuilt, it answers as its part of the file does, so training can go on from the best model there is."""
-    from export.ensemble import member_session
+    from export.ensemble import graph_session
 
     csv_path = data_dir / "rsna-299px" / "boneage-training-dataset.csv"
     report = recover.recover(ENSEMBLE, tmp_path / "rec", csv_path, count=32, cache_dir=tmp_path / "cache", member=0)
@@ -130,7 +130,7 @@ def test_an_ensemble_member_whose_own_file_is_gone_comes_back_from_the_ensemble(
     assert small["model_version"] == "xception128-v2" and small["preprocessing"].input_size == 128
     # What the rebuilt model is checked against is the file's own arithmetic, not this code's dequantising.
     assert any(node.op_type == "DequantizeLinear" for node in small["reference"].graph.node)
-    small_session = member_session(small["reference"], small["weights_storage"])
+    small_session = graph_session(small["reference"], small["weights_storage"] == "int8-weights")
     session, info = open_session(ENSEMBLE, providers=["CPUExecutionProvider"])
     image = load_file(HALFRES_PNG, info.spec)[None]
     shrunk = np.stack([resize(image[0, :, :, c], 128) for c in range(3)], axis=-1)[None]

@@ -48,8 +48,8 @@ from export.ensemble import (
     dequantized_weights,
     ensemble_members,
     float32_weights,
+    graph_session,
     member_graph,
-    member_session,
     shared_split,
 )
 from export.modelfile import INPUT_IMAGE, INPUT_SEX, INT8_WEIGHTS, OUTPUT, ModelFile, ModelFileError, open_session
@@ -286,7 +286,7 @@ def recover(
     if member is None:
         session, _ = open_session(path, providers=["CPUExecutionProvider"])
     else:  # the member as the file computes it: its part of the graph, int8 weights folded as at load
-        session = member_session(metadata["reference"], metadata["weights_storage"])
+        session = graph_session(metadata["reference"], metadata["weights_storage"] == INT8_WEIGHTS)
     # A random batch: the training split is ordered by sex and age band, and a batch of one band has
     # batch statistics far from the population's (training shuffles; so does this check).
     check = np.sort(np.random.default_rng(0).permutation(len(sex))[:32])
