@@ -219,7 +219,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--gate-percentile", type=percentile, help=gate_help)
     c.set_defaults(func=convert)
     e = sub.add_parser("ensemble", help="exported files → one file averaging them, calibrated again")
-    e.add_argument("members", type=Path, nargs="+", help="model files; the one with the largest input first")
+    e.add_argument(
+        "members",
+        type=Path,
+        nargs="+",
+        help="model files, the one with the largest input first (FILE#K: member K of an ensemble file)",
+    )
     e.add_argument("--out", type=Path, default=Path("models/boneage.onnx"))
     e.add_argument(
         "--storage",

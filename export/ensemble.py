@@ -6,7 +6,9 @@ Why inside one file: the service keeps one session, one preprocessing and its ba
 ensemble costs one model call per batch like any other model. The first member sets the input:
 its preprocessing spec is the file's. A member trained at a smaller side reads that same input
 resized inside the graph (:func:`resize_node`: what ``radiograph``'s own resize does, to 1e-5),
-so members must share every preprocessing setting but the side.
+so members must share every preprocessing setting but the side. A member may be member K of an
+ensemble file, written ``FILE#K`` (:func:`float32_graph`), so a model that lives on only inside an
+ensemble can be paired with a new one.
 
 Members must also come from the same training/validation split (same labels, split seed and fraction,
 recorded in each file), so that the validation residuals that set the ensemble's interval, its
@@ -19,6 +21,7 @@ members' pooled features side by side).
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,7 +51,9 @@ from export.modelfile import (
     INPUT_SEX,
     INT8_WEIGHTS,
     OUTPUT,
+    SPEC_KEY,
     ModelFile,
+    decode_metadata,
 )
 from export.modelfile import open_session as open_model_file
 from radiograph import PreprocessSpec
@@ -62,6 +67,9 @@ PARITY_INT8_WEIGHTS_MONTHS = 1.0
 #: The members' answers are averaged with equal weights: with two or three members, weights
 #: fitted on the validation split would be tuned on the very residuals that calibrate the interval.
 COMBINATION = "mean"
+
+#: ``FILE#K``: member ``K`` of the ensemble file ``FILE``, wherever a command takes model files.
+MEMBER_ENTRY = re.compile(r"(.+)#(\d+)")
 
 
 def float32_weights(proto):
@@ -262,6 +270,7 @@ def member_graph(proto, metadata: dict, index: int):
         "training_data": dict(metadata.get("training_data") or {}) | {"input_size": side},
         "preprocessing": PreprocessSpec.model_validate(metadata["preprocessing"].model_dump() | {"input_size": side}),
         "ensemble_member": {"file_version": metadata.get("model_version"), "index": index},
+        "versions": ((metadata.get("versions") or {}).get("members") or [{}] * len(members))[index],
     }
     return member, own_metadata
 
@@ -289,6 +298,32 @@ def open_member(path: Path, index: int) -> tuple[object, ModelFile]:
     )
     member = ModelFile(path=Path(f"{path}#{index}"), spec=metadata["preprocessing"], metadata=metadata)
     return graph_session(graph, metadata["weights_storage"] == INT8_WEIGHTS), member
+
+
+def open_entry(entry: str | Path) -> tuple[object, ModelFile]:
+    """``FILE`` → (session, ModelFile) as the service opens it; ``FILE#K`` → ensemble member K's."""
+    member = MEMBER_ENTRY.fullmatch(str(entry))
+    if member is None:
+        return open_model_file(Path(entry))
+    return open_member(Path(member[1]), int(member[2]))
+
+
+def float32_graph(entry: str | Path):
+    """``FILE`` or ``FILE#K`` → its graph with plain float32 weights, ready to be combined.
+
+    float16-stored weights are widened (exact) and int8-stored ones dequantised as ONNX Runtime
+    folds them at load, so the graph computes what the file computes. This lets a member that
+    lives on only inside an ensemble (``models/boneage.onnx#0``) join a new ensemble: stored as
+    int8 again, its weights round to the same levels."""
+    import onnx
+
+    member = MEMBER_ENTRY.fullmatch(str(entry))
+    proto = float32_weights(onnx.load(str(member[1] if member else entry)))
+    if member is not None:
+        props = {p.key: p.value for p in proto.metadata_props}
+        metadata = decode_metadata(props) | {"preprocessing": PreprocessSpec.from_json(props[SPEC_KEY])}
+        proto, _ = member_graph(proto, metadata, int(member[2]))
+    return dequantized_weights(proto)
 
 
 def shared_split(files: Sequence[ModelFile], csv_path: Path | None):
@@ -354,18 +389,19 @@ def export_ensemble(
 
     if len(member_paths) < 2:
         raise ExportError("an ensemble needs at least two model files")
-    if any(Path(out).resolve() == Path(p).resolve() for p in member_paths):
-        raise ExportError(f"{out} is one of the members: write the ensemble elsewhere")
+    sources = [Path(m[1]) if (m := MEMBER_ENTRY.fullmatch(str(p))) else Path(p) for p in member_paths]
+    if any(Path(out).resolve() == source.resolve() for source in sources):
+        raise ExportError(f"{out} is (or holds) one of the members: write the ensemble elsewhere, then copy it")
     if len(parity_images) < 16:
         raise ExportError(f"parity needs at least 16 real radiographs, got {len(parity_images)}")
-    opened = [open_model_file(p) for p in member_paths]
+    opened = [open_entry(p) for p in member_paths]
     files = [f for _, f in opened]
     spec: PreprocessSpec = files[0].spec
     for f in files:
-        if f.metadata.get("weights_storage", "float16") not in ("float16", "float32"):
+        if f.metadata.get("weights_storage", "float16") not in ("float16", "float32", INT8_WEIGHTS):
             raise ExportError(
-                f"{f.path.name}: its weights are stored as {f.metadata['weights_storage']}; "
-                "combine the float16 or float32 exports"
+                f"{f.path.name}: its weights are stored as {f.metadata['weights_storage']} (int8 compute); "
+                "combine the float16, float32 or int8-weights exports"
             )
     for f in files[1:]:
         if f.spec.model_copy(update={"input_size": spec.input_size}) != spec:
@@ -374,7 +410,7 @@ def export_ensemble(
             raise ExportError(f"{f.path.name}: list the member with the largest input ({f.spec.input_size} px) first")
     seed, splits = shared_split(files, csv_path)
     sides = [f.spec.input_size for f in files]
-    fp32 = combine([float32_weights(onnx.load(str(f.path))) for f in files], sides, spec.input_size)
+    fp32 = combine([float32_graph(p) for p in member_paths], sides, spec.input_size)
 
     # Parity: the combined graph against its members run on their own inputs (the ensemble's input,
     # resized by radiograph's resize where the member is smaller): tests the wiring and the in-graph resize.
@@ -469,6 +505,7 @@ def export_ensemble(
                 "members": [
                     {"model_version": f.version, "input_size": f.spec.input_size}
                     | {"training_config": f.metadata.get("training_config", {})}
+                    | ({"from": f.metadata["ensemble_member"]} if "ensemble_member" in f.metadata else {})
                     for f in files
                 ],
             },

@@ -130,6 +130,39 @@ def test_int8_stored_weights_take_a_quarter_of_float32_and_are_folded_once_at_lo
     assert session.get_session_options().get_session_config_entry("session.disable_quant_qdq") == "1"
 
 
+def test_a_member_that_lives_on_only_inside_an_ensemble_joins_a_new_one(combined, calibrated_onnx, parity, tmp_path):
+    """``FILE#K`` as a member: its int8-stored weights are dequantised as ONNX Runtime folds them and
+    stored again to the same levels, so re-combining an ensemble's own members gives the same file."""
+    from onnx import numpy_helper
+
+    first, _ = combined
+    with pytest.raises(ExportError, match=r"\(or holds\) one of the members"):
+        ensemble.export_ensemble([f"{first}#0", calibrated_onnx], first, parity, "int8-weights")
+    out = tmp_path / "again.onnx"
+    report = ensemble.export_ensemble(
+        [f"{first}#0", calibrated_onnx], out, parity, "int8-weights", model_version="again", gate_train_count=150
+    )
+    assert report["members"]["ensemble.onnx#0"]["model_version"] == "member-80"
+
+    def member0_int8(path: Path) -> dict[str, np.ndarray]:
+        graph = onnx.load(str(path)).graph
+        quantised = {
+            n.input[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0].startswith("m0/")
+        }
+        return {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name in quantised}
+
+    before, after = member0_int8(first), member0_int8(out)
+    assert len(before) > 30 and before.keys() == after.keys()
+    assert sum(int(np.abs(before[k].astype(int) - after[k].astype(int)).max() > 0) for k in before) == 0
+    members = open_session(out)[1].metadata["training_config"]["ensemble"]["members"]
+    assert members[0]["model_version"] == "member-80" and members[0]["from"] == {"file_version": "ens-test", "index": 0}
+    (s1, m1), (s2, _) = open_session(first), open_session(out)
+    x = np.stack([load_file(p, m1.spec) for p in parity[:6]])
+    sex = np.array([[0.0], [1.0]] * 3, np.float32)
+    a, b = (s.run(["bone_age_months"], {"image": x, "sex": sex})[0] for s in (s1, s2))
+    assert np.abs(a - b).max() < 0.01
+
+
 def test_an_ensemble_whose_int8_weights_drift_too_far_is_not_written(
     larger_member, calibrated_onnx, parity, tmp_path, monkeypatch
 ):

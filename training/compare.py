@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,23 +51,12 @@ class Row:
     high: float
 
 
-def open_entry(entry: Path):
-    """``FILE`` → (session, ModelFile) as the service opens it; ``FILE#K`` → ensemble member K's."""
-    from export.ensemble import open_member
-    from export.modelfile import open_session
-
-    member = re.fullmatch(r"(.+)#(\d+)", str(entry))
-    if member is None:
-        return open_session(entry)
-    return open_member(Path(member[1]), int(member[2]))
-
-
 def validation_answers(
     paths: Sequence[Path], csv_path: Path | None = None, cache_dir: Path | None = None
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Each file's answers on the files' shared validation split (by name) and the true ages."""
     from export.convert import predict_all, run_inputs
-    from export.ensemble import shared_split
+    from export.ensemble import open_entry, shared_split
 
     opened = [open_entry(p) for p in paths]
     files = [f for _, f in opened]
