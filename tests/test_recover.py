@@ -38,7 +38,7 @@ def _training_mode_gap(model, images, sex) -> float:
 def test_the_fast_model_file_comes_back_as_a_keras_model_that_answers_as_the_file_does(data_dir, tmp_path):
     csv_path = data_dir / "rsna-299px" / "boneage-training-dataset.csv"
     report = recover.recover(FAST, tmp_path / "rec", csv_path, count=64, cache_dir=tmp_path / "cache")
-    assert report["model_version"] == "xception128-v2" and report["calibration_images"] == 64
+    assert report["model_version"] == "xception128-v4" and report["calibration_images"] == 64
     assert report["max_abs_diff_months"] < recover.PARITY_MONTHS
     assert json.loads((tmp_path / "rec" / "recovered.json").read_text())["training_config"]["input_size"] == 128
 
@@ -121,13 +121,13 @@ def test_an_ensemble_member_whose_own_file_is_gone_comes_back_from_the_ensemble(
     csv_path = data_dir / "rsna-299px" / "boneage-training-dataset.csv"
     report = recover.recover(ENSEMBLE, tmp_path / "rec", csv_path, count=32, cache_dir=tmp_path / "cache", member=0)
     assert report["model_version"] == "xception224-v3" and report["weights_storage"] == "int8-weights"
-    assert report["ensemble_member"] == {"file_version": "xception-ensemble-v1.2", "index": 0}
+    assert report["ensemble_member"] == {"file_version": "xception-ensemble-v1.3", "index": 0}
     assert report["max_abs_diff_months"] < recover.PARITY_MONTHS
 
     # The rebuilt member and the other member, averaged, give the ensemble's answer.
     larger = keras.models.load_model(tmp_path / "rec" / "best.keras", compile=False)
     _, small = recover.rebuild(ENSEMBLE, member=1)
-    assert small["model_version"] == "xception128-v2" and small["preprocessing"].input_size == 128
+    assert small["model_version"] == "xception128-v4" and small["preprocessing"].input_size == 128
     # What the rebuilt model is checked against is the file's own arithmetic, not this code's dequantising.
     assert any(node.op_type == "DequantizeLinear" for node in small["reference"].graph.node)
     small_session = graph_session(small["reference"], small["weights_storage"] == "int8-weights")
