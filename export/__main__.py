@@ -1,7 +1,8 @@
 """Export a training run to ONNX, and verify any ONNX model file.
 
     python -m export convert runs/NAME --out models/boneage.onnx [--storage float16|float32|int8]
-    python -m export ensemble LARGER.onnx SMALLER.onnx --out models/boneage.onnx [--storage int8-weights]
+    python -m export ensemble LARGER.onnx SMALLER.onnx --out NEW.onnx [--storage int8-weights]
+    python -m export ensemble models/boneage.onnx#0 SMALLER.onnx --out NEW.onnx   # FILE#K: an ensemble's member
     python -m export verify models/boneage.onnx --image hand.png --sex female
 
 ``convert`` checks Keras/ONNX parity on real radiographs for each storage option and

@@ -68,8 +68,16 @@ PARITY_INT8_WEIGHTS_MONTHS = 1.0
 #: fitted on the validation split would be tuned on the very residuals that calibrate the interval.
 COMBINATION = "mean"
 
-#: ``FILE#K``: member ``K`` of the ensemble file ``FILE``, wherever a command takes model files.
+#: ``FILE#K``: member ``K`` of the ensemble file ``FILE`` (``export ensemble``, ``training.compare``).
 MEMBER_ENTRY = re.compile(r"(.+)#(\d+)")
+
+
+def split_entry(entry: str | Path) -> tuple[Path, int | None]:
+    """``FILE#K`` → (FILE, K); ``FILE`` → (FILE, None). A file whose own name ends in ``#K`` is itself."""
+    member = MEMBER_ENTRY.fullmatch(str(entry))
+    if member is None or Path(entry).is_file():
+        return Path(entry), None
+    return Path(member[1]), int(member[2])
 
 
 def float32_weights(proto):
@@ -269,8 +277,10 @@ def member_graph(proto, metadata: dict, index: int):
         "training_config": members[index].get("training_config") or {},
         "training_data": dict(metadata.get("training_data") or {}) | {"input_size": side},
         "preprocessing": PreprocessSpec.model_validate(metadata["preprocessing"].model_dump() | {"input_size": side}),
-        "ensemble_member": {"file_version": metadata.get("model_version"), "index": index},
-        "versions": ((metadata.get("versions") or {}).get("members") or [{}] * len(members))[index],
+        # Where the member came from before this file, if it was itself taken from an ensemble.
+        "ensemble_member": {"file_version": metadata.get("model_version"), "index": index}
+        | ({"from": members[index]["from"]} if "from" in members[index] else {}),
+        "versions": dict(enumerate((metadata.get("versions") or {}).get("members") or [])).get(index, {}),
     }
     return member, own_metadata
 
@@ -302,10 +312,8 @@ def open_member(path: Path, index: int) -> tuple[object, ModelFile]:
 
 def open_entry(entry: str | Path) -> tuple[object, ModelFile]:
     """``FILE`` → (session, ModelFile) as the service opens it; ``FILE#K`` → ensemble member K's."""
-    member = MEMBER_ENTRY.fullmatch(str(entry))
-    if member is None:
-        return open_model_file(Path(entry))
-    return open_member(Path(member[1]), int(member[2]))
+    path, index = split_entry(entry)
+    return open_model_file(path) if index is None else open_member(path, index)
 
 
 def float32_graph(entry: str | Path):
@@ -317,12 +325,12 @@ def float32_graph(entry: str | Path):
     int8 again, its weights round to the same levels."""
     import onnx
 
-    member = MEMBER_ENTRY.fullmatch(str(entry))
-    proto = float32_weights(onnx.load(str(member[1] if member else entry)))
-    if member is not None:
+    path, index = split_entry(entry)
+    proto = float32_weights(onnx.load(str(path)))
+    if index is not None:
         props = {p.key: p.value for p in proto.metadata_props}
         metadata = decode_metadata(props) | {"preprocessing": PreprocessSpec.from_json(props[SPEC_KEY])}
-        proto, _ = member_graph(proto, metadata, int(member[2]))
+        proto, _ = member_graph(proto, metadata, index)
     return dequantized_weights(proto)
 
 
@@ -389,8 +397,7 @@ def export_ensemble(
 
     if len(member_paths) < 2:
         raise ExportError("an ensemble needs at least two model files")
-    sources = [Path(m[1]) if (m := MEMBER_ENTRY.fullmatch(str(p))) else Path(p) for p in member_paths]
-    if any(Path(out).resolve() == source.resolve() for source in sources):
+    if any(Path(out).resolve() == split_entry(p)[0].resolve() for p in member_paths):
         raise ExportError(f"{out} is (or holds) one of the members: write the ensemble elsewhere, then copy it")
     if len(parity_images) < 16:
         raise ExportError(f"parity needs at least 16 real radiographs, got {len(parity_images)}")
@@ -398,9 +405,11 @@ def export_ensemble(
     files = [f for _, f in opened]
     spec: PreprocessSpec = files[0].spec
     for f in files:
-        if f.metadata.get("weights_storage", "float16") not in ("float16", "float32", INT8_WEIGHTS):
+        stored = f.metadata.get("weights_storage", "float16")
+        if stored not in ("float16", "float32", INT8_WEIGHTS):
+            kind = " (int8 compute)" if stored == "int8" else ""
             raise ExportError(
-                f"{f.path.name}: its weights are stored as {f.metadata['weights_storage']} (int8 compute); "
+                f"{f.path.name}: its weights are stored as {stored}{kind}; "
                 "combine the float16, float32 or int8-weights exports"
             )
     for f in files[1:]:

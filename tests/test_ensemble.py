@@ -143,6 +143,9 @@ def test_a_member_that_lives_on_only_inside_an_ensemble_joins_a_new_one(combined
         [f"{first}#0", calibrated_onnx], out, parity, "int8-weights", model_version="again", gate_train_count=150
     )
     assert report["members"]["ensemble.onnx#0"]["model_version"] == "member-80"
+    # Combined from plain float32 weights (the int8 ones dequantised), then stored as int8 again.
+    assert not any(n.op_type == "DequantizeLinear" for n in ensemble.float32_graph(f"{first}#0").graph.node)
+    assert report["storage"]["float32"]["size_mb"] > 3 * report["storage"]["int8-weights"]["size_mb"]
 
     def member0_int8(path: Path) -> dict[str, np.ndarray]:
         graph = onnx.load(str(path)).graph
@@ -153,7 +156,7 @@ def test_a_member_that_lives_on_only_inside_an_ensemble_joins_a_new_one(combined
 
     before, after = member0_int8(first), member0_int8(out)
     assert len(before) > 30 and before.keys() == after.keys()
-    assert sum(int(np.abs(before[k].astype(int) - after[k].astype(int)).max() > 0) for k in before) == 0
+    assert all(np.array_equal(before[k], after[k]) for k in before)
     members = open_session(out)[1].metadata["training_config"]["ensemble"]["members"]
     assert members[0]["model_version"] == "member-80" and members[0]["from"] == {"file_version": "ens-test", "index": 0}
     (s1, m1), (s2, _) = open_session(first), open_session(out)
@@ -161,6 +164,31 @@ def test_a_member_that_lives_on_only_inside_an_ensemble_joins_a_new_one(combined
     sex = np.array([[0.0], [1.0]] * 3, np.float32)
     a, b = (s.run(["bone_age_months"], {"image": x, "sex": sex})[0] for s in (s1, s2))
     assert np.abs(a - b).max() < 0.01
+
+
+def test_a_member_of_a_float16_stored_ensemble_comes_out_with_float32_weights(combined, parity, tmp_path):
+    """``FILE#K`` of an ensemble stored as float16: the Casts are folded into float32 weights, and the
+    member answers as it does inside the int8-stored file, but for the storage's rounding."""
+    from export.convert import PARITY_FP16_MONTHS, store_weights_fp16
+    from export.modelfile import PREFIX
+
+    first, _ = combined
+    model = store_weights_fp16(ensemble.dequantized_weights(onnx.load(str(first))))
+    for prop in model.metadata_props:
+        if prop.key == PREFIX + "weights_storage":
+            prop.value = json.dumps("float16")
+    onnx.save(model, tmp_path / "halves.onnx")
+    graph = ensemble.float32_graph(f"{tmp_path / 'halves.onnx'}#1")
+    weights = {i.name for i in graph.graph.initializer}
+    assert not any(
+        n.op_type == "DequantizeLinear" or (n.op_type == "Cast" and n.input[0] in weights) for n in graph.graph.node
+    )
+    assert not any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.graph.initializer)
+    (int8_session, member), (half_session, _) = (ensemble.open_member(p, 1) for p in (first, tmp_path / "halves.onnx"))
+    x = np.stack([load_file(p, member.spec) for p in parity[:4]])
+    sex = np.array([[0.0], [1.0]] * 2, np.float32)
+    a, b = (s.run(["bone_age_months"], {"image": x, "sex": sex})[0] for s in (int8_session, half_session))
+    assert np.abs(a - b).max() < PARITY_FP16_MONTHS
 
 
 def test_an_ensemble_whose_int8_weights_drift_too_far_is_not_written(

@@ -121,7 +121,9 @@ def test_an_ensemble_member_whose_own_file_is_gone_comes_back_from_the_ensemble(
     csv_path = data_dir / "rsna-299px" / "boneage-training-dataset.csv"
     report = recover.recover(ENSEMBLE, tmp_path / "rec", csv_path, count=32, cache_dir=tmp_path / "cache", member=0)
     assert report["model_version"] == "xception224-v3" and report["weights_storage"] == "int8-weights"
-    assert report["ensemble_member"] == {"file_version": "xception-ensemble-v1.3", "index": 0}
+    # v1.3 took this member from v1.2 (``export ensemble FILE#K``): both steps are on record.
+    v12 = {"file_version": "xception-ensemble-v1.2", "index": 0}
+    assert report["ensemble_member"] == {"file_version": "xception-ensemble-v1.3", "index": 0, "from": v12}
     assert report["max_abs_diff_months"] < recover.PARITY_MONTHS
 
     # The rebuilt member and the other member, averaged, give the ensemble's answer.

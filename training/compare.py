@@ -1,8 +1,8 @@
 """Model files side by side on their shared validation split: alone, averaged in pairs, and what each gains.
 
-    python -m training.compare models/boneage.onnx ~/exports/xception224-v3.onnx \\
-        models/boneage-fast.onnx ~/exports/xception128-v3.onnx --baseline 2+3 --cache-dir ~/runs/.cache
-    python -m training.compare models/boneage.onnx models/boneage.onnx#0 ~/exports/xception128-v4.onnx
+    python -m training.compare OLD.onnx models/boneage.onnx --baseline 1 --cache-dir ~/runs/.cache
+    python -m training.compare models/boneage.onnx models/boneage.onnx#0 models/boneage-fast.onnx NEW.onnx \\
+        --baseline 2+3
 
 ``FILE#K`` is member K of an ensemble file, alone, as ``training.recover --member K`` rebuilds it
 (its int8-stored weights as the file computes with them): a member whose own file is gone can
@@ -16,8 +16,8 @@ that interval lies above zero.
 
 Each file runs on its own preprocessing, as ``export ensemble`` checks its members; a pair is the
 mean of two files' answers. That approximates the ensemble file made of them, which feeds its
-smaller member the larger input resized in the graph and may store its weights as int8 (for the
-bundled pair, 8.350 here against 8.317 for the file itself): list the ensemble file too for its own
+smaller member the larger input resized in the graph and may store its weights as int8 (for
+`xception-ensemble-v1.2`'s pair, 8.350 here against 8.317 for the file itself): list the ensemble file too for its own
 figure, and compare pairs with pairs. The
 split is rebuilt from what the files record and checked (``export.ensemble.shared_split``): files
 validated on different splits are refused, since one's validation images could be another's
