@@ -296,16 +296,24 @@ def graph_session(proto, fold_dequantize: bool = True):
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+def member_proto(path: Path, index: int):
+    """:func:`member_graph` of the ensemble file at ``path``, its metadata read from the file itself
+    (float16-stored weights widened; int8-stored ones still behind their DequantizeLinear)."""
+    import onnx
+
+    proto = float32_weights(onnx.load(str(path)))
+    props = {p.key: p.value for p in proto.metadata_props}
+    metadata = decode_metadata(props) | {"preprocessing": PreprocessSpec.from_json(props[SPEC_KEY])}
+    return member_graph(proto, metadata, index)
+
+
 def open_member(path: Path, index: int) -> tuple[object, ModelFile]:
     """``open_session`` for member ``index`` of an ensemble file: (session, ModelFile named ``FILE#K``)."""
-    import onnx
 
     _, info = open_model_file(path)  # checked as the service checks it
     if not ensemble_members(info.metadata):
         raise ExportError(f"{path}: not an ensemble file, so it has no member {index}")
-    graph, metadata = member_graph(
-        float32_weights(onnx.load(str(path))), info.metadata | {"preprocessing": info.spec}, index
-    )
+    graph, metadata = member_proto(path, index)
     member = ModelFile(path=Path(f"{path}#{index}"), spec=metadata["preprocessing"], metadata=metadata)
     return graph_session(graph, metadata["weights_storage"] == INT8_WEIGHTS), member
 
@@ -326,11 +334,7 @@ def float32_graph(entry: str | Path):
     import onnx
 
     path, index = split_entry(entry)
-    proto = float32_weights(onnx.load(str(path)))
-    if index is not None:
-        props = {p.key: p.value for p in proto.metadata_props}
-        metadata = decode_metadata(props) | {"preprocessing": PreprocessSpec.from_json(props[SPEC_KEY])}
-        proto, _ = member_graph(proto, metadata, index)
+    proto = float32_weights(onnx.load(str(path))) if index is None else member_proto(path, index)[0]
     return dequantized_weights(proto)
 
 
