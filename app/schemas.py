@@ -109,7 +109,7 @@ class BoneAgeResponse(BaseModel):
                         "sd_source": "Greulich & Pyle (Brush Foundation) SD of skeletal age; …",
                         "sd_method": "linear interpolation between table ages",
                     },
-                    "model": {"name": "boneage-xception-ensemble", "version": "xception-ensemble-v1.3"},
+                    "model": {"name": "boneage-xception-ensemble", "version": "xception-ensemble-v1.4"},
                     "notes": [],
                     "warnings": [],
                 }
