@@ -25,9 +25,9 @@ move them, and ``recovered.json`` says so (``weights_storage``). Files with int8
 
 Usage::
 
-    python -m training.recover models/boneage-fast.onnx --out ~/runs/from-xception128-v4
+    python -m training.recover models/boneage-fast.onnx --out ~/runs/from-fast
     python -m training.recover models/boneage.onnx --member 0 --out ~/runs/from-xception224-v3
-    python -m training.train --init ~/runs/from-xception128-v4/best.keras ...
+    python -m training.train --init ~/runs/from-fast/best.keras ...
 """
 
 from __future__ import annotations
